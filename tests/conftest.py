@@ -1,0 +1,27 @@
+"""Test session setup.
+
+Two things must happen before anything else imports jax or torchvision:
+
+* jax gets 8 simulated CPU devices, so sharding tests can build a (data=4, fsdp=2) mesh; tests that
+  want one device take ``jax.devices()[:1]``.
+* PyPI's torchvision wheel for the CPU torch is a CUDA build whose compiled ops do not load. Its
+  Python model definitions still work once the operator schemas it registers fake kernels for exist,
+  and ``lpips`` and ``diffusers`` import torchvision, so the schemas are defined here, once.
+"""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "")
+if "--xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)
+jax.config.update("jax_platforms", "cpu")
+
+from tests import torch_compat  # noqa: E402
+
+torch_compat.register_torchvision_schemas()
