@@ -1,0 +1,98 @@
+"""Orbax checkpointing of train state, data iterator and config in one ``Composite``.
+
+Layout: ``WORKDIR/checkpoints/<step>/{state,data,config}``. Restoring reads the state straight into
+its shardings, and the grain iterator continues with exactly the records it would have produced.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import grain
+import ml_collections
+import orbax.checkpoint as ocp
+from absl import logging
+
+from artfr_jax.train import state as state_lib
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def make_manager(
+    workdir: str, *, max_to_keep: int = 3, async_save: bool = True
+) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep,
+        create=True,
+        enable_async_checkpointing=async_save,
+    )
+    return ocp.CheckpointManager(
+        checkpoint_dir(workdir), options=options, item_names=("state", "data", "config")
+    )
+
+
+def save(
+    manager: ocp.CheckpointManager,
+    step: int,
+    state: Any,
+    data_iterator: Any | None,
+    config: ml_collections.ConfigDict,
+    *,
+    force: bool = False,
+) -> bool:
+    items = {
+        "state": ocp.args.StandardSave(state),
+        "config": ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
+    }
+    if data_iterator is not None:
+        items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    saved = manager.save(step, args=ocp.args.Composite(**items), force=force)
+    if saved:
+        logging.info("Saving checkpoint at step %d to %s", step, manager.directory)
+    return saved
+
+
+def restore(
+    manager: ocp.CheckpointManager,
+    state: Any,
+    state_shardings: Any,
+    data_iterator: Any | None,
+    step: int | None = None,
+) -> tuple[Any, int | None]:
+    """Restores the latest (or given) step in place of ``state``; returns (state, step or None)."""
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        return state, None
+    target = state_lib.abstract_with_shardings(state_shardings, state)
+    items = {"state": ocp.args.StandardRestore(target)}
+    if data_iterator is not None:
+        items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+    logging.info("Restored checkpoint of step %d from %s", step, manager.directory)
+    return restored["state"], step
+
+
+def restore_state_only(directory: str, state_target: Any, step: int | None = None) -> Any:
+    """Reads only the train state of a checkpoint directory (e.g. a frozen stage-I model)."""
+    manager = ocp.CheckpointManager(directory, item_names=("state", "data", "config"))
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"{directory}: no checkpoint found")
+    restored = manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(state_target))
+    )
+    return restored["state"]
+
+
+def read_config(directory: str, step: int | None = None) -> dict:
+    """The config saved with a checkpoint, as a plain dict."""
+    manager = ocp.CheckpointManager(directory, item_names=("state", "data", "config"))
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"{directory}: no checkpoint found")
+    restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    return dict(restored["config"])

@@ -1,0 +1,92 @@
+"""Device mesh, parameter partitioning rule and batch placement.
+
+The mesh has two axes: ``data`` (pure data parallelism) and ``fsdp`` (data parallelism whose
+parameters and optimizer state are split across devices, ZeRO-3 style). The batch is split over both
+axes, so every device computes on its own examples; parameters are split on ``fsdp`` only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp")
+
+
+def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:
+    """Builds the ('data', 'fsdp') mesh; a size of -1 takes the remaining devices.
+
+    Axis types are Auto so linen's logical partitioning and GSPMD propagation work.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    data, fsdp = int(mesh_config.data), int(mesh_config.fsdp)
+    n = len(devices)
+    if data == -1 and fsdp == -1:
+        raise ValueError("config.mesh: at most one of data/fsdp may be -1")
+    if data == -1:
+        data = n // fsdp
+    if fsdp == -1:
+        fsdp = n // data
+    if data < 1 or fsdp < 1 or data * fsdp > n or n % (data * fsdp):
+        raise ValueError(
+            f"config.mesh: data={data} x fsdp={fsdp} must divide the number of devices ({n})"
+        )
+    if data * fsdp < n:  # e.g. a 1-device run on a multi-device host
+        logging.warning("config.mesh uses %d of %d devices", data * fsdp, n)
+    grid = np.asarray(devices[: data * fsdp], dtype=object).reshape(data, fsdp)
+    return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def fsdp_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int) -> P:
+    """Splits the largest dimension divisible by the fsdp size; small arrays stay replicated."""
+    if fsdp_size == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+        return P()
+    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+        if shape[dim] % fsdp_size == 0:
+            spec = [None] * len(shape)
+            spec[dim] = "fsdp"
+            return P(*spec)
+    return P()
+
+
+def state_shardings(abstract_state, mesh: Mesh, min_size: int = 2**14):
+    """NamedShardings for a pytree of ShapeDtypeStructs following the fsdp rule."""
+    fsdp = mesh.shape["fsdp"]
+
+    def leaf(x):
+        shape = getattr(x, "shape", ())
+        return NamedSharding(mesh, fsdp_spec(tuple(shape), fsdp, min_size))
+
+    return jax.tree.map(leaf, abstract_state)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def global_batch_to_devices(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Process-local host batch -> global arrays split over ('data', 'fsdp') (multi-host safe)."""
+    sharding = batch_sharding(mesh)
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
+    }
+
+
+def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
+    n = mesh.shape["data"] * mesh.shape["fsdp"]
+    if global_batch_size % n:
+        raise ValueError(
+            f"config.batch_size={global_batch_size} must be divisible by the number of "
+            f"data-parallel devices ({n} = mesh data x fsdp)"
+        )

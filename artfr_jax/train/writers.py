@@ -1,0 +1,69 @@
+"""Metric writers: clu's TensorBoard + logging writers, plus ``metrics.jsonl`` for scripts."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from clu import metric_writers
+
+
+class JsonlWriter(metric_writers.MetricWriter):
+    """Appends one JSON object per ``write_scalars`` call: ``{"step": N, "name": value, ...}``."""
+
+    def __init__(self, path: str):
+        self._path = path
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115  (closed in close())
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+        row = {"step": int(step)}
+        row.update({k: float(np.asarray(v)) for k, v in scalars.items()})
+        self._file.write(json.dumps(row) + "\n")
+
+    def write_summaries(self, step, values, metadata=None):
+        pass
+
+    def write_images(self, step, images):
+        pass
+
+    def write_videos(self, step, videos):
+        pass
+
+    def write_audios(self, step, audios, *, sample_rate):
+        pass
+
+    def write_texts(self, step, texts):
+        pass
+
+    def write_histograms(self, step, arrays, num_buckets=None):
+        pass
+
+    def write_pointcloud(self, step, point_clouds, *, point_colors=None, configs=None):
+        pass
+
+    def write_hparams(self, hparams):
+        pass
+
+    def flush(self):
+        self._file.flush()
+
+    def close(self):
+        if not self._file.closed:
+            self._file.close()
+
+
+def create_writer(workdir: str, *, is_main_process: bool) -> metric_writers.MetricWriter:
+    """TensorBoard events + stdout on the main process, stdout only elsewhere."""
+    if not is_main_process:
+        return metric_writers.create_default_writer(workdir, just_logging=True)
+    default = metric_writers.create_default_writer(workdir, asynchronous=False)
+    return metric_writers.MultiWriter([default, JsonlWriter(os.path.join(workdir, "metrics.jsonl"))])
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]

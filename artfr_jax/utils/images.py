@@ -1,0 +1,26 @@
+"""Small image helpers shared by trainers, restore and evaluate (host side, NumPy)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from PIL import Image
+
+
+def side_by_side(*columns: np.ndarray) -> np.ndarray:
+    """Concatenates [B, H, W, 3] uint8 arrays along width -> [B, H, sum(W), 3]."""
+    return np.concatenate(columns, axis=2)
+
+
+def stack_rows(rows: np.ndarray) -> np.ndarray:
+    """[B, H, W, 3] -> one [B*H, W, 3] image."""
+    rows = np.asarray(rows)
+    return rows.reshape(-1, *rows.shape[2:]) if rows.ndim == 4 else rows
+
+
+def save_grid(rows: np.ndarray, path: str) -> str:
+    """Writes grid rows as one PNG (creating the folder); returns the path."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(stack_rows(rows).astype(np.uint8)).save(path)
+    return path

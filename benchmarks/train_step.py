@@ -1,0 +1,111 @@
+r"""Stage-I (VQGAN) train step: compile time, median step time, compiled memory analysis.
+
+    python -m benchmarks.train_step --config=smoke
+    python -m benchmarks.train_step --config=paper --batch=2 --steps=3
+    python -m benchmarks.train_step --config=paper --memory-only --batch=6
+
+The batch is random uint8 data placed on the devices once, so the numbers are the step alone (the
+input pipeline has its own benchmark). The paper config includes the LPIPS term with random VGG weights
+(same compute as the real ones). Times: median of ``--steps`` runs after ``--warmup`` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from artfr_jax.losses import perceptual  # noqa: E402
+from artfr_jax.train import sharding, vqgan_trainer  # noqa: E402
+from configs import vqgan as vqgan_config  # noqa: E402
+
+
+def build(config_name: str, batch: int | None):
+    config = vqgan_config.get_config("smoke" if config_name == "smoke" else None)
+    config.mesh.update(data=-1, fsdp=1)
+    n_dev = len(jax.devices())
+    if batch is not None:
+        config.batch_size = batch * n_dev
+    config.loss.perceptual = "off"
+    stage = vqgan_trainer.make_stage(config)
+    frozen, lpips = {}, None
+    if config_name == "paper":
+        lpips = perceptual.LPIPS()
+        size = config.data.image_size
+        x = jnp.zeros((1, size, size, 3))
+        frozen = {"lpips": lpips.init(jax.random.key(1), x, x)["params"]}
+    vqgan, disc = vqgan_trainer.make_models(config)
+    tx = vqgan_trainer.make_optimizer(config)
+    step_fn = lambda s, b, r, f: vqgan_trainer.train_step(  # noqa: E731
+        s, b, r, f, config=config, vqgan=vqgan, disc=disc, lpips=lpips, tx=tx
+    )
+    return config, stage, step_fn, frozen
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", choices=["smoke", "paper"], default="smoke")
+    parser.add_argument("--batch", type=int, default=None, help="per-device batch size")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--memory-only", action="store_true")
+    args = parser.parse_args()
+
+    config, stage, step_fn, frozen = build(args.config, args.batch)
+    mesh = sharding.make_mesh(config.mesh)
+    size = config.data.image_size
+    n = config.batch_size
+    print(f"backend={jax.default_backend()} devices={len(jax.devices())} config={args.config} "
+          f"image={size}px global_batch={n}")
+    state, shardings = stage.init_state(jax.random.key(0), mesh)
+    host = {"hq": np.random.default_rng(0).integers(0, 256, (n, size, size, 3), dtype=np.uint8)}
+    with jax.set_mesh(mesh):
+        batch = sharding.global_batch_to_devices(host, mesh)
+        repl = sharding.replicated(mesh)
+        jitted = jax.jit(
+            step_fn,
+            in_shardings=(shardings, sharding.batch_sharding(mesh), repl, repl),
+            out_shardings=(shardings, repl),
+            donate_argnums=0,
+        )
+        t0 = time.perf_counter()
+        lowered = jitted.lower(state, batch, jax.random.key(0), frozen)
+        compiled = lowered.compile()
+        compile_s = time.perf_counter() - t0
+        mem = compiled.memory_analysis()
+        print(f"compile_time_s={compile_s:.2f}")
+        if mem is not None:
+            gib = 1 / 2**30
+            print(
+                "memory_analysis (per device, GiB): "
+                f"arguments={mem.argument_size_in_bytes * gib:.3f} "
+                f"outputs={mem.output_size_in_bytes * gib:.3f} "
+                f"temp={mem.temp_size_in_bytes * gib:.3f} "
+                f"generated_code={mem.generated_code_size_in_bytes * gib:.4f} "
+                f"alias={mem.alias_size_in_bytes * gib:.3f}"
+            )
+        if args.memory_only:
+            return
+        times = []
+        for i in range(args.warmup + args.steps):
+            t0 = time.perf_counter()
+            state, metrics = compiled(state, batch, jax.random.key(i), frozen)
+            jax.block_until_ready(metrics)
+            if i >= args.warmup:
+                times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    print(
+        f"step_time_median_s={med:.4f} (min {min(times):.4f}, max {max(times):.4f}, n={len(times)}) "
+        f"images_per_s={n / med:.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+r"""ART-FR stage I: VQGAN tokenizer on HQ faces (Sec. 3.1, Sec. 4.1, App. A.1).
+
+Paper values by default: 512 px, f=32 (16x16 tokens), codebook 1024 x 256, batch 24, Adam 8e-5,
+500k steps, lambda_G = 0.8, LPIPS perceptual loss (needs converted weights, see README).
+
+    python -m artfr_jax.main --config=configs/vqgan.py --workdir=runs/vqgan \
+        --config.loss.lpips_weights=weights/lpips_vgg.msgpack
+
+Variants (``--config=configs/vqgan.py:smoke``):
+  smoke  CPU check: 64 px, narrow 4-level model (f=8), 300 steps, perceptual term only if
+         ``loss.lpips_weights`` is given.
+"""
+
+import ml_collections
+
+from artfr_jax import data as data_lib
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.trainer = "vqgan"
+    config.seed = 0
+    config.distributed = False  # jax.distributed.initialize() for multi-host jobs
+
+    config.batch_size = 24  # global
+    config.num_train_steps = 500_000
+    config.log_every = 100
+    config.eval_every = 5_000
+    config.checkpoint_every = 5_000
+    config.max_checkpoints_to_keep = 3
+    config.async_checkpointing = True
+
+    # Stage I sees HQ images only: no degradation work in the pipeline.
+    config.data = data_lib.default_config(image_size=512, preset="none")
+
+    config.model = ml_collections.ConfigDict(
+        dict(
+            block_out_channels=(64, 128, 128, 256, 256, 512),
+            layers_per_block=2,
+            attention_levels=(5,),  # the 16x16 level
+            mid_attention=True,
+            latent_channels=256,
+            num_embeddings=1024,
+            embedding_dim=256,
+            norm_num_groups=32,
+            beta=0.25,
+            remat=False,
+        )
+    )
+    config.discriminator = ml_collections.ConfigDict(
+        dict(base_features=64, num_layers=3, norm="group")
+    )
+    config.loss = ml_collections.ConfigDict(
+        dict(
+            pixel_weight=1.0,
+            perceptual="required",  # 'required' | 'if_available' | 'off'
+            perceptual_weight=1.0,
+            lpips_weights="",  # python -m artfr_jax.convert.lpips_vgg --vgg16=... --output=...
+            adversarial_weight=0.8,  # lambda_G
+            adversarial_start=30_000,
+            generator_loss="hinge",
+        )
+    )
+    config.optimizer = ml_collections.ConfigDict(
+        dict(
+            learning_rate=8e-5,
+            disc_learning_rate=8e-5,
+            b1=0.9,
+            b2=0.99,
+            eps=1e-8,
+            grad_clip=0.0,
+            ema_decay=0.0,
+        )
+    )
+    config.eval = ml_collections.ConfigDict(dict(num_images=64, batch_size=8))
+    # Parameters with at least min_shard_size elements are split on fsdp (largest divisible dim).
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, min_shard_size=2**14))
+
+    if arg == "smoke":
+        config.data = data_lib.default_config(image_size=64, preset="none")
+        config.batch_size = 8
+        config.num_train_steps = 300
+        config.log_every = 25
+        config.eval_every = 100
+        config.checkpoint_every = 100
+        config.model.update(
+            block_out_channels=(32, 64, 64, 128),
+            layers_per_block=1,
+            attention_levels=(),
+            latent_channels=64,
+            num_embeddings=256,
+            embedding_dim=64,
+            norm_num_groups=16,
+        )
+        config.discriminator.update(base_features=32, num_layers=2)
+        config.loss.perceptual = "if_available"
+        config.loss.adversarial_start = 200
+        config.optimizer.update(learning_rate=1e-3, disc_learning_rate=1e-3)
+        config.eval.update(num_images=16, batch_size=8)
+    elif arg not in (None, ""):
+        raise ValueError(f"configs/vqgan.py: unknown variant {arg!r} (expected: smoke)")
+    return config

@@ -1,0 +1,36 @@
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from artfr_jax.train import sharding
+
+
+def test_fsdp_rule_splits_largest_divisible_dim():
+    assert sharding.fsdp_spec((3, 3, 64, 128), 2, 0) == P(None, None, None, "fsdp")
+    assert sharding.fsdp_spec((3, 3, 64, 127), 2, 0) == P(None, None, "fsdp", None)
+    assert sharding.fsdp_spec((7,), 2, 0) == P()
+    assert sharding.fsdp_spec((4096,), 2, 2**14) == P()  # small: replicated
+    assert sharding.fsdp_spec((1024, 256), 1, 0) == P()
+
+
+def test_mesh_shapes_and_errors():
+    cfg = ml_collections.ConfigDict(dict(data=4, fsdp=2))
+    mesh = sharding.make_mesh(cfg)
+    assert dict(mesh.shape) == {"data": 4, "fsdp": 2}
+    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=2)))
+    assert mesh.shape["data"] == len(jax.devices()) // 2
+    with pytest.raises(ValueError, match="config.mesh"):
+        sharding.make_mesh(ml_collections.ConfigDict(dict(data=3, fsdp=1)))
+    with pytest.raises(ValueError, match="batch_size"):
+        sharding.check_batch_size(6, sharding.make_mesh(cfg))
+
+
+def test_batch_is_split_over_all_devices():
+    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=4, fsdp=2)))
+    batch = {"hq": np.arange(16 * 2 * 2 * 3, dtype=np.uint8).reshape(16, 2, 2, 3)}
+    out = sharding.global_batch_to_devices(batch, mesh)["hq"]
+    assert out.shape == (16, 2, 2, 3)
+    assert {s.data.shape[0] for s in out.addressable_shards} == {2}
+    np.testing.assert_array_equal(np.asarray(out), batch["hq"])
