@@ -40,7 +40,9 @@ def main(argv):
     if config.get("distributed", False):
         jax.distributed.initialize()
     logging.info(
-        "Process %d/%d, local devices %s", jax.process_index(), jax.process_count(),
+        "Process %d/%d, local devices %s",
+        jax.process_index(),
+        jax.process_count(),
         jax.local_devices(),
     )
     run(config, FLAGS.workdir)

@@ -62,8 +62,10 @@ def main():
     mesh = sharding.make_mesh(config.mesh)
     size = config.data.image_size
     n = config.batch_size
-    print(f"backend={jax.default_backend()} devices={len(jax.devices())} config={args.config} "
-          f"image={size}px global_batch={n}")
+    print(
+        f"backend={jax.default_backend()} devices={len(jax.devices())} config={args.config} "
+        f"image={size}px global_batch={n}"
+    )
     state, shardings = stage.init_state(jax.random.key(0), mesh)
     host = {"hq": np.random.default_rng(0).integers(0, 256, (n, size, size, 3), dtype=np.uint8)}
     with jax.set_mesh(mesh):

@@ -26,8 +26,13 @@ def test_ssim_matches_skimage(pair):
     ours = np.asarray(metrics.ssim(x, y))
     ref = [
         structural_similarity(
-            x[i], y[i], gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
-            data_range=255, channel_axis=-1,
+            x[i],
+            y[i],
+            gaussian_weights=True,
+            sigma=1.5,
+            use_sample_covariance=False,
+            data_range=255,
+            channel_axis=-1,
         )
         for i in range(2)
     ]

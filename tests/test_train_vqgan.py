@@ -16,28 +16,7 @@ from configs import vqgan as vqgan_config
 
 
 def tiny_config(**overrides):
-    config = vqgan_config.get_config("smoke")
-    config.data.image_size = 32
-    config.data.num_workers = 0
-    config.batch_size = 8
-    config.num_train_steps = 6
-    config.log_every = 2
-    config.eval_every = 3
-    config.checkpoint_every = 2
-    config.async_checkpointing = False
-    config.model.update(
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        attention_levels=(1,),
-        latent_channels=16,
-        num_embeddings=32,
-        embedding_dim=8,
-        norm_num_groups=8,
-    )
-    config.discriminator.update(base_features=8, num_layers=2)
-    config.loss.adversarial_start = 2
-    config.eval.update(num_images=6, batch_size=4)
-    config.mesh.update(data=1, fsdp=1, min_shard_size=256)
+    config = vqgan_config.get_config("tiny")
     for k, v in overrides.items():
         node = config
         *path, last = k.split(".")
@@ -66,7 +45,10 @@ def test_train_and_evaluate_writes_outputs(tmp_path):
     assert any("train/perplexity" in r and "train/d_loss" in r for r in rows)
     assert glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
     grids = sorted(glob.glob(os.path.join(workdir, "samples", "vqgan_step*.png")))
-    assert [os.path.basename(g) for g in grids] == ["vqgan_step0000003.png", "vqgan_step0000006.png"]
+    assert [os.path.basename(g) for g in grids] == [
+        "vqgan_step0000003.png",
+        "vqgan_step0000006.png",
+    ]
     manager = ckpt_lib.make_manager(workdir)
     assert manager.latest_step() == 6
     assert ckpt_lib.read_config(ckpt_lib.checkpoint_dir(workdir))["trainer"] == "vqgan"

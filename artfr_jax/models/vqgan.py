@@ -60,11 +60,16 @@ class VectorQuantizer(nn.Module):
     ``codebook_loss = ||sg[f] - z_q||^2``, ``commit_loss = ||f - sg[z_q]||^2`` (element means),
     ``vq_loss = codebook_loss + beta * commit_loss`` (Eq. 3), ``perplexity`` and ``usage``.
     The codebook is initialised ``U(-1/K, 1/K)`` (taming-transformers).
+
+    ``normalize_codes``: l2-normalise ``z`` and the codebook rows before lookup and loss
+    (ViT-VQGAN, Yu et al. 2021, Sec. 3.2): every code starts on the same sphere as the features, which
+    keeps small codebooks from collapsing onto a few entries. Off for the paper / diffusers layout.
     """
 
     num_embeddings: int = 1024
     embedding_dim: int = 256
     beta: float = 0.25
+    normalize_codes: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -83,9 +88,12 @@ class VectorQuantizer(nn.Module):
                 f"VectorQuantizer: last axis of z is {z.shape[-1]}, expected "
                 f"embedding_dim={self.embedding_dim}"
             )
-        indices = nearest_code(jax.lax.stop_gradient(z), self.codebook)
         zf = z.astype(jnp.float32)
-        zq = jnp.take(self.codebook.astype(jnp.float32), indices, axis=0)
+        codebook = self.codebook.astype(jnp.float32)
+        if self.normalize_codes:
+            zf, codebook = _l2_normalize(zf), _l2_normalize(codebook)
+        indices = nearest_code(jax.lax.stop_gradient(zf), codebook)
+        zq = jnp.take(codebook, indices, axis=0)
         codebook_loss = jnp.mean(jnp.square(jax.lax.stop_gradient(zf) - zq))
         commit_loss = jnp.mean(jnp.square(zf - jax.lax.stop_gradient(zq)))
         aux = {
@@ -99,7 +107,14 @@ class VectorQuantizer(nn.Module):
 
     def lookup(self, indices: jax.Array) -> jax.Array:
         """Codebook rows for integer ``indices [...]`` -> ``[..., C]`` (Eq. 2, first part)."""
-        return jnp.take(self.codebook, indices, axis=0).astype(self.dtype)
+        codebook = self.codebook
+        if self.normalize_codes:
+            codebook = _l2_normalize(codebook.astype(jnp.float32))
+        return jnp.take(codebook, indices, axis=0).astype(self.dtype)
+
+
+def _l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
 
 
 class Encoder(nn.Module):
@@ -223,6 +238,7 @@ class VQGAN(nn.Module):
         the 1x1 projectors between ``latent_channels`` and ``embedding_dim``.
       norm_num_groups, norm_eps, act_fn: GroupNorm groups / epsilon, activation name.
       beta: commitment weight of Eq. 3.
+      normalize_codes: l2-normalised code lookup (see ``VectorQuantizer``); off in the paper model.
       remat: rematerialise residual blocks in the backward pass.
       precision: matmul/conv precision for every layer (``None`` = JAX default).
 
@@ -246,6 +262,7 @@ class VQGAN(nn.Module):
     norm_eps: float = 1e-6
     act_fn: str = "silu"
     beta: float = 0.25
+    normalize_codes: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: bool = False
@@ -281,6 +298,7 @@ class VQGAN(nn.Module):
             self.num_embeddings,
             self.embedding_dim,
             self.beta,
+            normalize_codes=self.normalize_codes,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )

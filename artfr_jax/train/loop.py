@@ -54,7 +54,6 @@ class Stage:
     train_iterator: Callable[[int, int, int], Iterator[dict]]
     eval_batches: Callable[[], list[dict]]
     frozen: PyTree = dataclasses.field(default_factory=dict)
-    loss_key: str = "loss"
 
 
 class _Preemption:
@@ -83,12 +82,14 @@ class _Preemption:
 def _pad_to_multiple(batch: dict, multiple: int) -> dict:
     n = len(next(iter(batch.values())))
     pad = (-n) % multiple
-    out = {k: np.concatenate([v, np.repeat(v[-1:], pad, 0)]) if pad else v for k, v in batch.items()}
+    out = {
+        k: np.concatenate([v, np.repeat(v[-1:], pad, 0)]) if pad else v for k, v in batch.items()
+    }
     out["mask"] = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
     return out
 
 
-def evaluate(stage: Stage, eval_fn, state, frozen, mesh, batches: list[dict]):
+def evaluate(eval_fn, state, frozen, mesh, batches: list[dict]):
     """Runs the eval step over host batches; returns (mean metrics, first batch's grid rows)."""
     n_dev = mesh.shape["data"] * mesh.shape["fsdp"]
     totals: dict[str, float] = {}
@@ -106,7 +107,7 @@ def evaluate(stage: Stage, eval_fn, state, frozen, mesh, batches: list[dict]):
     return means, grid
 
 
-def _check_finite(history: list[tuple[int, dict]], loss_key: str):
+def _check_finite(history: list[tuple[int, dict]]):
     for step, metrics in history:
         for k, v in metrics.items():
             if not np.all(np.isfinite(v)):
@@ -171,6 +172,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: S
                 num_train_steps=total, writer=writer, every_steps=config.log_every, every_secs=None
             )
         )
+    if is_main and config.get("profile", False):
+        hooks.append(
+            periodic_actions.Profile(logdir=workdir, num_profile_steps=5, first_profile=10)
+        )
     last_eval: dict = {}
     history: list[tuple[int, dict]] = []
 
@@ -180,7 +185,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: S
             return
         t0 = time.time()
         with jax.set_mesh(mesh):
-            means, grid = evaluate(stage, eval_fn, state, frozen, mesh, eval_batches)
+            means, grid = evaluate(eval_fn, state, frozen, mesh, eval_batches)
         last_eval = means
         writer.write_scalars(step, {f"eval/{k}": v for k, v in means.items()})
         if is_main and grid is not None:
@@ -189,38 +194,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: S
             image_utils.save_grid(grid, path)
         logging.info("Eval at step %d (%.1fs): %s", step, time.time() - t0, means)
 
-    with _Preemption() as preemption, jax.set_mesh(mesh):
-        step = start_step
-        while step < total:
-            host_batch = next(train_iter)
-            batch = sharding_lib.global_batch_to_devices(host_batch, mesh)
-            with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                state, metrics = train_fn(state, batch, jax.random.fold_in(train_rng, step), frozen)
-            step += 1
-            history.append((step, metrics))
-            for hook in hooks:
-                hook(step)
+    try:
+        with _Preemption() as preemption, jax.set_mesh(mesh):
+            step = start_step
+            while step < total:
+                host_batch = next(train_iter)
+                batch = sharding_lib.global_batch_to_devices(host_batch, mesh)
+                with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                    state, metrics = train_fn(
+                        state, batch, jax.random.fold_in(train_rng, step), frozen
+                    )
+                step += 1
+                history.append((step, metrics))
+                for hook in hooks:
+                    hook(step)
 
-            at_end = step == total
-            log_now = step % config.log_every == 0 or at_end
-            save_now = step % config.checkpoint_every == 0 or at_end or preemption.requested
-            if log_now or save_now:
-                history = [(s, jax.device_get(m)) for s, m in history]
-                _check_finite(history, stage.loss_key)
-            if log_now:
-                writer.write_scalars(step, {f"train/{k}": v for k, v in _mean_metrics(history).items()})
-                history = []
-            if config.eval_every and (step % config.eval_every == 0 or at_end):
-                run_eval(step)
-            if save_now:
-                ckpt_lib.save(manager, step, state, train_iter, config, force=True)
-            if preemption.requested:
-                logging.warning("Stopping at step %d after SIGTERM; checkpoint saved.", step)
-                break
-        writer.flush()
-    manager.wait_until_finished()
-    manager.close()
-    writer.close()
+                at_end = step == total
+                log_now = step % config.log_every == 0 or at_end
+                save_now = step % config.checkpoint_every == 0 or at_end or preemption.requested
+                if log_now or save_now:
+                    history = [(s, jax.device_get(m)) for s, m in history]
+                    _check_finite(history)
+                if log_now:
+                    writer.write_scalars(
+                        step, {f"train/{k}": v for k, v in _mean_metrics(history).items()}
+                    )
+                    history = []
+                if config.eval_every and (step % config.eval_every == 0 or at_end):
+                    run_eval(step)
+                if save_now:
+                    ckpt_lib.save(manager, step, state, train_iter, config, force=True)
+                if preemption.requested:
+                    logging.warning("Stopping at step %d after SIGTERM; checkpoint saved.", step)
+                    break
+            writer.flush()
+    finally:
+        manager.wait_until_finished()  # an async save in flight is kept even on an error
+        manager.close()
+        writer.close()
+        if hasattr(train_iter, "close"):
+            train_iter.close()  # stops grain worker processes
     return last_eval
 
 

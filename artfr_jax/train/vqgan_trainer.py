@@ -53,11 +53,30 @@ def load_frozen(config: ml_collections.ConfigDict) -> tuple[dict, perceptual.LPI
     return {"lpips": params}, perceptual.LPIPS()
 
 
+def learning_rate_schedule(opt: ml_collections.ConfigDict, peak: float, total_steps: int):
+    """'constant' (paper stage I) or 'cosine' from ``peak`` to ``end_learning_rate``, both after a
+    linear warm-up of ``warmup_steps``."""
+    if opt.schedule == "constant":
+        main = optax.constant_schedule(peak)
+    elif opt.schedule == "cosine":
+        decay = max(total_steps - opt.warmup_steps, 1)
+        main = optax.cosine_decay_schedule(peak, decay, alpha=opt.end_learning_rate / peak)
+    else:
+        raise ValueError(
+            f"config.optimizer.schedule={opt.schedule!r}: expected 'constant' or 'cosine'"
+        )
+    if not opt.warmup_steps:
+        return main
+    warmup = optax.linear_schedule(0.0, peak, opt.warmup_steps)
+    return optax.join_schedules([warmup, main], [opt.warmup_steps])
+
+
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """Separate Adam for generator (paper: 8e-5) and discriminator, in one multi_transform."""
     opt = config.optimizer
 
-    def adam(lr):
+    def adam(peak):
+        lr = learning_rate_schedule(opt, peak, config.num_train_steps)
         chain = [optax.clip_by_global_norm(opt.grad_clip)] if opt.grad_clip else []
         return optax.chain(*chain, optax.adam(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps))
 
@@ -85,38 +104,64 @@ def init_state(rng, mesh, *, config, vqgan, disc, tx):
 
 
 def train_step(state, batch, rng, frozen, *, config, vqgan, disc, lpips, tx):
-    """One generator + discriminator update. batch['hq']: uint8 [B, H, W, 3]."""
+    """One generator + discriminator update. batch['hq']: uint8 [B, H, W, 3].
+
+    The generator gradient comes from one VJP of the VQGAN forward: the image-space losses give a
+    cotangent on the reconstruction, the VQ loss a unit cotangent. With
+    ``loss.adaptive_adversarial_weight`` the adversarial term is scaled as in taming-transformers
+    (whose face config uses the same lambda_G = 0.8 and a 30k-step start):
+    lambda = lambda_G * ||grad_L nll|| / (||grad_L L_G|| + 1e-4), L = the decoder's last conv kernel.
+    Only that kernel's share of the two extra VJPs is used, so XLA keeps just the last layer of them.
+    """
     del rng  # stage I is deterministic given the batch
     lc = config.loss
     hq = loop.to_float_image(batch["hq"])
-    step = state.step
-    adv_w = adversarial.adversarial_weight(step, lc.adversarial_start, lc.adversarial_weight)
+    gate = adversarial.adversarial_weight(state.step, lc.adversarial_start, 1.0)
     use_adv = lc.adversarial_weight > 0
     d_params = state.params["discriminator"]
 
-    def generator_loss(g_params):
+    def forward(g_params):
         recon, aux = vqgan.apply({"params": g_params}, hq, train=True)
-        terms = {"l2": jnp.mean((recon - hq) ** 2), "vq_loss": aux["vq_loss"]}
-        loss = lc.pixel_weight * terms["l2"] + aux["vq_loss"]
+        return (recon, aux["vq_loss"]), aux
+
+    (recon, vq_loss), vjp_fn, aux = jax.vjp(forward, state.params["generator"], has_aux=True)
+
+    def reconstruction_loss(recon):
+        terms = {"l2": jnp.mean((recon - hq) ** 2)}
+        loss = lc.pixel_weight * terms["l2"]
         if lpips is not None:
             terms["lpips"] = jnp.mean(lpips.apply({"params": frozen["lpips"]}, recon, hq))
             loss = loss + lc.perceptual_weight * terms["lpips"]
-        if use_adv:
-            fake_logits = disc.apply({"params": d_params}, recon)
-            terms["g_adv"] = adversarial.generator_adv_loss(fake_logits, kind=lc.generator_loss)
-            loss = loss + adv_w * terms["g_adv"]
-        terms["perplexity"] = aux["perplexity"]
-        terms["usage"] = aux["usage"]
-        return loss, (recon, terms)
+        return loss, terms
 
-    (loss, (recon, terms)), g_grads = jax.value_and_grad(generator_loss, has_aux=True)(
-        state.params["generator"]
-    )
+    (nll, terms), g_recon = jax.value_and_grad(reconstruction_loss, has_aux=True)(recon)
+    loss = nll + vq_loss
+    if use_adv:
+
+        def adv_loss(recon):
+            logits = disc.apply({"params": d_params}, recon)
+            return adversarial.generator_adv_loss(logits, kind=lc.generator_loss)
+
+        g_adv, g_recon_adv = jax.value_and_grad(adv_loss)(recon)
+        adv_w = lc.adversarial_weight * gate
+        if lc.adaptive_adversarial_weight:
+
+            def last_layer_norm(cotangent):
+                grads = vjp_fn((cotangent, jnp.zeros_like(vq_loss)))[0]
+                return jnp.linalg.norm(grads["decoder"]["conv_out"]["kernel"])
+
+            ratio = last_layer_norm(g_recon) / (last_layer_norm(g_recon_adv) + 1e-4)
+            adv_w = adv_w * jax.lax.stop_gradient(jnp.clip(ratio, 0.0, 1e4))
+        g_recon = g_recon + adv_w * g_recon_adv
+        loss = loss + adv_w * g_adv
+        terms.update(g_adv=g_adv, adv_weight=adv_w)
+    g_grads = vjp_fn((g_recon, jnp.ones_like(vq_loss)))[0]
+    terms.update(vq_loss=vq_loss, perplexity=aux["perplexity"], usage=aux["usage"])
 
     def discriminator_loss(d_params):
         real = disc.apply({"params": d_params}, hq)
         fake = disc.apply({"params": d_params}, jax.lax.stop_gradient(recon))
-        return adversarial.hinge_d_loss(real, fake) * (adv_w > 0)
+        return adversarial.hinge_d_loss(real, fake) * gate
 
     if use_adv:
         d_loss, d_grads = jax.value_and_grad(discriminator_loss)(d_params)
@@ -142,9 +187,9 @@ def train_step(state, batch, rng, frozen, *, config, vqgan, disc, lpips, tx):
 def eval_step(state, batch, frozen, *, vqgan):
     """Reconstruction metrics summed over the (masked) batch, and input | reconstruction rows."""
     del frozen
-    params = state.ema_params["generator"] if state.ema_params is not None else state.params[
-        "generator"
-    ]
+    params = (
+        state.ema_params["generator"] if state.ema_params is not None else state.params["generator"]
+    )
     hq = loop.to_float_image(batch["hq"])
     recon, aux = vqgan.apply({"params": params}, hq, train=False)
     recon_u8 = loop.to_uint8_image(recon)

@@ -17,7 +17,7 @@ class JsonlWriter(metric_writers.MetricWriter):
     def __init__(self, path: str):
         self._path = path
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115  (closed in close())
+        self._file = open(path, "a", encoding="utf-8", buffering=1)  # line-buffered for tail -f
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]):
         row = {"step": int(step)}
@@ -61,7 +61,9 @@ def create_writer(workdir: str, *, is_main_process: bool) -> metric_writers.Metr
     if not is_main_process:
         return metric_writers.create_default_writer(workdir, just_logging=True)
     default = metric_writers.create_default_writer(workdir, asynchronous=False)
-    return metric_writers.MultiWriter([default, JsonlWriter(os.path.join(workdir, "metrics.jsonl"))])
+    return metric_writers.MultiWriter(
+        [default, JsonlWriter(os.path.join(workdir, "metrics.jsonl"))]
+    )
 
 
 def read_jsonl(path: str) -> list[dict]:

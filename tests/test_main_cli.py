@@ -1,0 +1,103 @@
+"""The main command as a user runs it: overrides, a misspelt field, SIGTERM and SIGKILL + resume."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from artfr_jax.train import writers as writers_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 10
+BASE = [
+    "--config=configs/vqgan.py:tiny",
+    f"--config.num_train_steps={STEPS}",
+    "--config.eval_every=0",
+]
+
+
+def _env():
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = ""  # one CPU device, as a user's machine
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def _cmd(workdir, *extra):
+    return [sys.executable, "-m", "artfr_jax.main", *BASE, f"--workdir={workdir}", *extra]
+
+
+def _run(workdir, *extra, timeout=600):
+    return subprocess.run(
+        _cmd(workdir, *extra), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _steps(workdir):
+    d = os.path.join(workdir, "checkpoints")
+    return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+
+
+def _start_and_signal(workdir, sig, after_step):
+    """Starts a run and sends ``sig`` once a checkpoint of at least ``after_step`` exists."""
+    proc = subprocess.Popen(
+        _cmd(workdir, "--config.checkpoint_every=2"),
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if any(s >= after_step for s in _steps(workdir)):
+            os.killpg(proc.pid, sig)
+            break
+        time.sleep(0.2)
+    out, _ = proc.communicate(timeout=300)
+    return proc.returncode, out
+
+
+def _losses(workdir):
+    rows = writers_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+def test_misspelt_config_field_is_an_error(tmp_path):
+    res = _run(str(tmp_path / "w"), "--config.optimizer.learnig_rate=1e-3", timeout=300)
+    assert res.returncode != 0
+    assert "learnig_rate" in res.stderr
+    assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_sigkill_resumes_like_an_uninterrupted_run(tmp_path):
+    full = str(tmp_path / "full")
+    res = _run(full)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+    part = str(tmp_path / "part")
+    code, out = _start_and_signal(part, signal.SIGTERM, after_step=2)
+    assert code == 0, out[-3000:]
+    assert "SIGTERM" in out
+    stopped_at = _steps(part)[-1]
+    assert 2 <= stopped_at < STEPS
+
+    code, out = _start_and_signal(part, signal.SIGKILL, after_step=stopped_at + 2)
+    assert code == -signal.SIGKILL, out[-3000:]
+    killed_after = _steps(part)[-1]
+    assert killed_after > stopped_at
+
+    res = _run(part)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"Resuming vqgan from step {killed_after}" in res.stderr
+    a, b = _losses(full), _losses(part)
+    resumed = [s for s in a if s > killed_after]
+    assert resumed, (a, killed_after)
+    for s in resumed:
+        np.testing.assert_allclose(b[s], a[s], rtol=1e-6, err_msg=f"step {s}")
