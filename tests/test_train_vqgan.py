@@ -124,3 +124,20 @@ def test_missing_lpips_weights_is_a_clear_error():
     config.loss.lpips_weights = ""
     with pytest.raises((FileNotFoundError, ValueError), match="convert"):
         vqgan_trainer.make_stage(config)
+
+
+def test_learning_rate_schedules():
+    config = tiny_config()
+    opt = config.optimizer
+    opt.update(schedule="cosine", end_learning_rate=1e-5, warmup_steps=10)
+    lr = vqgan_trainer.learning_rate_schedule(opt, 1e-3, total_steps=110)
+    assert float(lr(0)) == 0.0
+    np.testing.assert_allclose(float(lr(10)), 1e-3, rtol=1e-6)
+    np.testing.assert_allclose(float(lr(110)), 1e-5, rtol=1e-4)
+    assert float(lr(60)) < 1e-3
+    opt.update(schedule="constant", warmup_steps=0)
+    lr = vqgan_trainer.learning_rate_schedule(opt, 8e-5, total_steps=10)
+    assert float(lr(0)) == float(lr(9)) == np.float32(8e-5)
+    opt.schedule = "linear"
+    with pytest.raises(ValueError, match="config.optimizer.schedule"):
+        vqgan_trainer.learning_rate_schedule(opt, 1e-3, total_steps=10)
