@@ -27,8 +27,9 @@ from artfr_jax.train import sharding, vqgan_trainer  # noqa: E402
 from configs import vqgan as vqgan_config  # noqa: E402
 
 
-def build(config_name: str, batch: int | None):
+def build(config_name: str, batch: int | None, remat: bool = False):
     config = vqgan_config.get_config("smoke" if config_name == "smoke" else None)
+    config.model.remat = remat
     config.mesh.update(data=-1, fsdp=1)
     n_dev = len(jax.devices())
     if batch is not None:
@@ -56,9 +57,10 @@ def main():
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--memory-only", action="store_true")
+    parser.add_argument("--remat", action="store_true", help="rematerialise VQGAN residual blocks")
     args = parser.parse_args()
 
-    config, stage, step_fn, frozen = build(args.config, args.batch)
+    config, stage, step_fn, frozen = build(args.config, args.batch, args.remat)
     mesh = sharding.make_mesh(config.mesh)
     size = config.data.image_size
     n = config.batch_size

@@ -297,18 +297,19 @@ def _maybe_remat(cls, remat: bool):
     return nn.remat(cls) if remat else cls
 
 
-class DownBlock(nn.Module):
-    """One encoder level: ``num_layers`` residual blocks (each optionally followed by attention),
-    then an optional stride-2 downsampling (VQGAN / diffusers ``[Attn]DownEncoderBlock2D``).
+class LevelBlock(nn.Module):
+    """One resolution level: ``num_layers`` residual blocks (each optionally followed by attention),
+    then an optional resampling: ``'down'`` = stride-2 conv (diffusers ``[Attn]DownEncoderBlock2D``),
+    ``'up'`` = nearest x2 + conv (``[Attn]UpDecoderBlock2D``), ``None`` = none.
 
-    Shapes: ``[B, H, W, C_in] -> [B, H/2 or H, W/2 or W, out_channels]``.
-    Params: ``resnet_{i}``, ``attn_{i}``, ``downsample/conv``.
+    Shapes: ``[B, H, W, C_in] -> [B, H', W', out_channels]``, ``H' = H/2, 2H or H``.
+    Params: ``resnet_{i}``, ``attn_{i}``, ``downsample/conv`` or ``upsample/conv``.
     """
 
     out_channels: int
     num_layers: int = 2
     add_attention: bool = False
-    add_downsample: bool = True
+    resample: str | None = None
     asymmetric_padding: bool = True
     num_groups: int = 32
     epsilon: float = 1e-6
@@ -328,45 +329,15 @@ class DownBlock(nn.Module):
             x = block(self.out_channels, act=self.act, name=f"resnet_{i}", **norm_kw, **common)(x)
             if self.add_attention:
                 x = AttentionBlock(name=f"attn_{i}", **norm_kw, **common)(x)
-        if self.add_downsample:
-            x = Downsample(asymmetric_padding=self.asymmetric_padding, name="downsample", **common)(
-                x
-            )
-        return x
-
-
-class UpBlock(nn.Module):
-    """One decoder level: ``num_layers`` residual blocks (each optionally followed by attention),
-    then an optional nearest x2 upsampling + conv (diffusers ``[Attn]UpDecoderBlock2D``).
-
-    Shapes: ``[B, H, W, C_in] -> [B, 2H or H, 2W or W, out_channels]``.
-    Params: ``resnet_{i}``, ``attn_{i}``, ``upsample/conv``.
-    """
-
-    out_channels: int
-    num_layers: int = 3
-    add_attention: bool = False
-    add_upsample: bool = True
-    num_groups: int = 32
-    epsilon: float = 1e-6
-    act: Activation = nn.swish
-    norm: Callable[..., nn.Module] = GroupNorm
-    remat: bool = False
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    precision: Any = None
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        common = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
-        norm_kw = dict(num_groups=self.num_groups, epsilon=self.epsilon, norm=self.norm)
-        block = _maybe_remat(ResnetBlock, self.remat)
-        for i in range(self.num_layers):
-            x = block(self.out_channels, act=self.act, name=f"resnet_{i}", **norm_kw, **common)(x)
-            if self.add_attention:
-                x = AttentionBlock(name=f"attn_{i}", **norm_kw, **common)(x)
-        if self.add_upsample:
+        if self.resample == "down":
+            pad = self.asymmetric_padding
+            x = Downsample(asymmetric_padding=pad, name="downsample", **common)(x)
+        elif self.resample == "up":
             x = Upsample(name="upsample", **common)(x)
+        elif self.resample is not None:
+            raise ValueError(
+                f"LevelBlock.resample={self.resample!r}: expected 'down', 'up' or None"
+            )
         return x
 
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from artfr_jax.models.layers import DownBlock, GroupNorm, MidBlock, UpBlock, get_activation
+from artfr_jax.models.layers import GroupNorm, LevelBlock, MidBlock, get_activation
 
 Dtype = Any
 
@@ -147,11 +147,11 @@ class Encoder(nn.Module):
         chans = self.block_out_channels
         x = nn.Conv(chans[0], (3, 3), padding="SAME", name="conv_in", **common)(x)
         for i, c in enumerate(chans):
-            x = DownBlock(
+            x = LevelBlock(
                 c,
                 num_layers=self.layers_per_block,
                 add_attention=i in self.attention_levels,
-                add_downsample=i < len(chans) - 1,
+                resample="down" if i < len(chans) - 1 else None,
                 name=f"down_{i}",
                 **blk,
                 **common,
@@ -202,11 +202,11 @@ class Decoder(nn.Module):
         x = nn.Conv(chans[0], (3, 3), padding="SAME", name="conv_in", **common)(z)
         x = MidBlock(add_attention=self.mid_attention, name="mid", **blk, **common)(x)
         for i, c in enumerate(chans):
-            x = UpBlock(
+            x = LevelBlock(
                 c,
                 num_layers=self.layers_per_block,
                 add_attention=(n - 1 - i) in self.attention_levels,
-                add_upsample=i < n - 1,
+                resample="up" if i < n - 1 else None,
                 name=f"up_{i}",
                 **blk,
                 **common,
