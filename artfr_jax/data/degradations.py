@@ -8,6 +8,19 @@ isotropic or anisotropic with equal probability, and gray conversion / colour ji
 
 All randomness is drawn up front into a :class:`DegradationParams`, so a degradation is a pure
 function of ``(hq, params)`` and the pipeline stays deterministic for a seed.
+
+Extension-task presets (ART-FR Sec. 4.1 "Extensional applications", App. A.2, App. B):
+
+- ``inpainting``: GPEN's free-form brush strokes painted white over the clean face (:mod:`masks`).
+- ``colorization``: GFPGAN's colour jitter (per-channel shift, then brightness / contrast /
+  saturation / hue) around an always-on gray conversion; the LQ is always gray.
+- ``denoise_a`` / ``denoise_b``: Gaussian noise only, its std drawn per sample from {25, 50, 75,
+  100} (Model A) or {125, 150, 175, 200} (Model B) on the 0-255 scale, clipped to uint8.
+- ``sr``: x8 bicubic super-resolution (the paper only says "high downsampling rates"): antialiased
+  bicubic shrink and bicubic enlarge (PIL, a = -0.5 as MATLAB ``imresize``), no extra blur.
+
+The original presets' random streams are untouched: the extension knobs draw only when enabled,
+after all the original draws.
 """
 
 from __future__ import annotations
@@ -18,6 +31,9 @@ import math
 import cv2
 import ml_collections
 import numpy as np
+from PIL import Image
+
+from artfr_jax.data import masks
 
 _INTERP = {
     "bilinear": cv2.INTER_LINEAR,
@@ -25,10 +41,20 @@ _INTERP = {
     "bicubic": cv2.INTER_CUBIC,
     "nearest": cv2.INTER_NEAREST,
 }
+# Not a cv2 flag: PIL's bicubic (a = -0.5, MATLAB imresize's kernel), widened when shrinking so it
+# antialiases; cv2's INTER_CUBIC samples only 4 taps and aliases at large factors.
+_BICUBIC_AA = "bicubic_aa"
+
+PRESETS = ("artfr", "vqfr", "none", "inpainting", "colorization", "denoise_a", "denoise_b", "sr")
+MASK_FILLS = ("white", "black", "noise")
 
 
 def degradation_preset(name: str) -> ml_collections.ConfigDict:
-    """Returns the degradation config for ``'artfr'``, ``'vqfr'`` or ``'none'`` (identity)."""
+    """Returns the degradation config for one of :data:`PRESETS`.
+
+    ``'artfr'`` / ``'vqfr'``: Eq. 8 with each paper's ranges; ``'none'``: identity; the rest are
+    the extension tasks (module docstring). Usable as ``config.data.degradation``.
+    """
     c = ml_collections.ConfigDict()
     c.name = name
     c.blur_prob = 1.0
@@ -47,6 +73,21 @@ def degradation_preset(name: str) -> ml_collections.ConfigDict:
     c.gray_prob = 0.0  # LQ converted to gray (3 equal channels)
     c.color_jitter_prob = 0.0
     c.color_jitter_shift = 20.0  # per-channel shift in [-s, s] on the 0-255 scale
+    # Extension knobs; these defaults are off and leave the random stream alone.
+    c.noise_levels = ()  # non-empty: std drawn from this set, overriding noise_range
+    c.gray_after_shift = False  # GFPGAN order: shift -> gray -> photometric jitter
+    c.photometric_jitter_prob = 0.0  # GFPGAN's brightness/contrast/saturation/hue jitter
+    c.jitter_brightness = (0.5, 1.5)  # factor ranges, as torchvision's ColorJitter
+    c.jitter_contrast = (0.5, 1.5)
+    c.jitter_saturation = (0.0, 1.5)
+    c.jitter_hue = (-0.1, 0.1)  # fraction of the hue circle, within [-0.5, 0.5]
+    c.mask_prob = 0.0  # free-form stroke mask painted over the LQ (masks.py)
+    c.mask_max_strokes = 3  # 1..this strokes
+    c.mask_vertices = (8, 27)  # walk steps per stroke (inclusive)
+    c.mask_width_frac = (12 / 512, 80 / 512)  # brush width / shorter image side (GPEN @ 512)
+    c.mask_step_frac = 1 / 8  # mean step / image diagonal
+    c.mask_random_heading = True  # rotate each walk uniformly (GPEN's drift to +x otherwise)
+    c.mask_fill = "white"  # white (GPEN) | black | noise
     if name == "artfr":
         pass
     elif name == "vqfr":
@@ -54,14 +95,33 @@ def degradation_preset(name: str) -> ml_collections.ConfigDict:
         c.downscale_range = (1.0, 8.0)
         c.noise_range = (0.0, 15.0)
         c.jpeg_range = (60, 100)
-    elif name == "none":
+    elif name in ("none", "inpainting", "colorization", "denoise_a", "denoise_b", "sr"):
+        # The extension tasks start from the identity and switch on one degradation each.
         c.blur_prob = 0.0
         c.downscale_range = (1.0, 1.0)
         c.noise_prob = 0.0
         c.noise_range = (0.0, 0.0)
         c.jpeg_prob = 0.0
+        if name == "inpainting":
+            c.mask_prob = 1.0
+        elif name == "colorization":
+            # GFPGAN's train_gfpgan_v1 jitter probabilities; gray always, after the shift.
+            c.gray_prob = 1.0
+            c.gray_after_shift = True
+            c.color_jitter_prob = 0.3
+            c.photometric_jitter_prob = 0.3
+        elif name in ("denoise_a", "denoise_b"):
+            c.noise_prob = 1.0
+            c.noise_levels = (25.0, 50.0, 75.0, 100.0)
+            if name == "denoise_b":
+                c.noise_levels = (125.0, 150.0, 175.0, 200.0)
+            c.noise_range = (min(c.noise_levels), max(c.noise_levels))  # overridden; for display
+        elif name == "sr":
+            c.downscale_range = (8.0, 8.0)
+            c.downscale_interp = _BICUBIC_AA
+            c.upscale_interp = _BICUBIC_AA
     else:
-        raise ValueError(f"unknown degradation preset {name!r} (expected artfr|vqfr|none)")
+        raise ValueError(f"unknown degradation preset {name!r} (expected {'|'.join(PRESETS)})")
     return c
 
 
@@ -79,6 +139,13 @@ class DegradationParams:
     jpeg_quality: int = 0
     gray: bool = False
     color_shift: tuple[float, float, float] | None = None
+    # Extension fields (off by default).
+    gray_after_shift: bool = False
+    jitter: tuple[float, float, float, float] | None = None  # brightness, contrast, saturation, hue
+    jitter_order: tuple[int, ...] = (0, 1, 2, 3)  # order of the four jitter ops
+    mask_strokes: tuple[masks.Stroke, ...] = ()  # masks.sample_strokes output; () = no mask
+    mask_fill: str = "white"
+    mask_seed: int = 0  # for mask_fill='noise'
 
 
 def _range(cfg, field: str) -> tuple[float, float]:
@@ -125,7 +192,61 @@ def sample_degradation(
     shift = rng.uniform(-cfg.color_jitter_shift, cfg.color_jitter_shift, size=3)
     if u[6] < cfg.color_jitter_prob:
         p["color_shift"] = tuple(float(v) for v in shift)
+    _sample_extensions(cfg, rng, u, nseed, p)
     return DegradationParams(**p)
+
+
+def _sample_extensions(cfg, rng: np.random.Generator, u: np.ndarray, nseed: int, p: dict) -> None:
+    """The extension knobs' draws, after the original ones and only for knobs that are on."""
+    levels = tuple(float(v) for v in (cfg.get("noise_levels") or ()))
+    if levels:
+        if min(levels) < 0:
+            raise ValueError(f"data.degradation.noise_levels={levels}: expected stds >= 0")
+        level = levels[int(rng.integers(len(levels)))]
+        for k in ("noise_std", "noise_seed", "noise_gray"):
+            p.pop(k, None)
+        if u[2] < cfg.noise_prob and level > 0:
+            p.update(noise_std=level, noise_seed=nseed, noise_gray=bool(u[3] < cfg.noise_gray_prob))
+    if p.get("gray") and cfg.get("gray_after_shift", False):
+        p["gray_after_shift"] = True
+    jitter_prob = float(cfg.get("photometric_jitter_prob", 0.0))
+    if jitter_prob > 0:
+        uj = rng.uniform()
+        b = rng.uniform(*_range(cfg, "jitter_brightness"))
+        c = rng.uniform(*_range(cfg, "jitter_contrast"))
+        s = rng.uniform(*_range(cfg, "jitter_saturation"))
+        h_lo, h_hi = (float(v) for v in cfg.jitter_hue)
+        if not -0.5 <= h_lo <= h_hi <= 0.5:
+            raise ValueError(
+                f"data.degradation.jitter_hue={tuple(cfg.jitter_hue)}: expected -0.5 <= lo <= hi "
+                f"<= 0.5"
+            )
+        h = rng.uniform(h_lo, h_hi)
+        order = rng.permutation(4)
+        if uj < jitter_prob:
+            p["jitter"] = (float(b), float(c), float(s), float(h))
+            p["jitter_order"] = tuple(int(v) for v in order)
+    mask_prob = float(cfg.get("mask_prob", 0.0))
+    if mask_prob > 0:
+        if cfg.mask_fill not in MASK_FILLS:
+            raise ValueError(
+                f"data.degradation.mask_fill={cfg.mask_fill!r}: expected {'|'.join(MASK_FILLS)}"
+            )
+        um = rng.uniform()
+        mseed = int(rng.integers(0, 2**31 - 1))
+        try:
+            strokes = masks.sample_strokes(
+                rng,
+                max_strokes=int(cfg.mask_max_strokes),
+                vertices=tuple(cfg.mask_vertices),
+                width_frac=tuple(cfg.mask_width_frac),
+                step_frac=float(cfg.mask_step_frac),
+                random_heading=bool(cfg.mask_random_heading),
+            )
+        except ValueError as e:
+            raise ValueError(f"data.degradation.mask_*: {e}") from None
+        if um < mask_prob:
+            p.update(mask_strokes=strokes, mask_fill=str(cfg.mask_fill), mask_seed=mseed)
 
 
 def kernel_size(sigma: float, max_size: int = 41) -> int:
@@ -193,8 +314,46 @@ def reference_blur(img: np.ndarray, p: DegradationParams, max_size: int = 41) ->
 
 def _interp(name: str, field: str) -> int:
     if name not in _INTERP:
-        raise ValueError(f"data.degradation.{field}={name!r}: expected one of {sorted(_INTERP)}")
+        raise ValueError(
+            f"data.degradation.{field}={name!r}: expected one of {sorted([*_INTERP, _BICUBIC_AA])}"
+        )
     return _INTERP[name]
+
+
+def _resize(img: np.ndarray, size: tuple[int, int], name: str, field: str) -> np.ndarray:
+    """Resizes uint8 ``img`` to ``size`` = (w, h) with the named interpolation."""
+    if name == _BICUBIC_AA:
+        return np.asarray(Image.fromarray(img).resize(size, Image.Resampling.BICUBIC))
+    return cv2.resize(img, size, interpolation=_interp(name, field))
+
+
+def color_jitter(
+    img: np.ndarray,
+    brightness: float = 1.0,
+    contrast: float = 1.0,
+    saturation: float = 1.0,
+    hue: float = 0.0,
+    order: tuple[int, ...] = (0, 1, 2, 3),
+) -> np.ndarray:
+    """torchvision-style ColorJitter with fixed factors on RGB uint8 ``[H, W, 3]``.
+
+    Ops (0 brightness, 1 contrast, 2 saturation, 3 hue) run in ``order`` on [0, 1] floats, each
+    clipped, as GFPGAN's LQ jitter; factors 1, 1, 1, 0 are the identity. Keeps gray images gray.
+    """
+    x = img.astype(np.float32) / 255.0
+    for op in order:
+        if op == 0:
+            x = np.clip(x * brightness, 0.0, 1.0)
+        elif op in (1, 2):
+            g = x @ np.array([0.299, 0.587, 0.114], np.float32)  # BT.601 luma, as torchvision
+            ref = g.mean() if op == 1 else g[..., None]
+            f = contrast if op == 1 else saturation
+            x = np.clip(f * x + (1.0 - f) * ref, 0.0, 1.0)
+        elif op == 3 and hue != 0.0:
+            hsv = cv2.cvtColor(x, cv2.COLOR_RGB2HSV)  # float input: H in degrees [0, 360)
+            hsv[..., 0] = np.mod(hsv[..., 0] + 360.0 * hue, 360.0)
+            x = np.clip(cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB), 0.0, 1.0)
+    return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
 
 
 def apply_degradation(
@@ -237,7 +396,7 @@ def apply_degradation(
             img = _blur(img, p, kernel_max_size)
     if p.scale != 1.0:
         size = (max(1, round(w / p.scale)), max(1, round(h / p.scale)))
-        img = cv2.resize(img, size, interpolation=_interp(downscale_interp, "downscale_interp"))
+        img = _resize(img, size, downscale_interp, "downscale_interp")
     if p.noise_std > 0:
         noise = np.empty(img.shape[:2] + ((1,) if p.noise_gray else (3,)), np.float32)
         # cv2's RNG is thread-local; seeding right before the draw keeps it deterministic and is
@@ -257,12 +416,24 @@ def apply_degradation(
             raise RuntimeError("cv2.imencode failed for JPEG degradation")
         img = cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
     if img.shape[:2] != (h, w):
-        img = cv2.resize(img, (w, h), interpolation=_interp(upscale_interp, "upscale_interp"))
-    if p.gray:
-        img = cv2.cvtColor(cv2.cvtColor(img, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+        img = _resize(img, (w, h), upscale_interp, "upscale_interp")
+    if p.gray and not p.gray_after_shift:
+        img = _to_gray(img)
     if p.color_shift is not None:
         img = cv2.add(img, np.full(img.shape, p.color_shift, np.float32), dtype=cv2.CV_8U)
+    if p.gray and p.gray_after_shift:
+        img = _to_gray(img)
+    if p.jitter is not None:
+        img = color_jitter(img, *p.jitter, order=p.jitter_order)
+    if p.mask_strokes:
+        img = masks.fill_mask(
+            img, masks.render_mask(p.mask_strokes, h, w), p.mask_fill, p.mask_seed
+        )
     return np.ascontiguousarray(img)
+
+
+def _to_gray(img: np.ndarray) -> np.ndarray:
+    return cv2.cvtColor(cv2.cvtColor(img, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
 
 
 def random_degrade(
