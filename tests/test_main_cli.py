@@ -18,6 +18,12 @@ BASE = [
     f"--config.num_train_steps={STEPS}",
     "--config.eval_every=0",
 ]
+# Stage II trains its tiny tokenizer first (in <workdir>/stage1) when none is named.
+ART = [
+    "--config=configs/art.py:tiny",
+    f"--config.num_train_steps={STEPS}",
+    "--config.eval_every=0",
+]
 
 
 def _env():
@@ -27,13 +33,18 @@ def _env():
     return env
 
 
-def _cmd(workdir, *extra):
-    return [sys.executable, "-m", "artfr_jax.main", *BASE, f"--workdir={workdir}", *extra]
+def _cmd(workdir, *extra, base=BASE):
+    return [sys.executable, "-m", "artfr_jax.main", *base, f"--workdir={workdir}", *extra]
 
 
-def _run(workdir, *extra, timeout=600):
+def _run(workdir, *extra, timeout=600, base=BASE):
     return subprocess.run(
-        _cmd(workdir, *extra), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout
+        _cmd(workdir, *extra, base=base),
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -42,10 +53,10 @@ def _steps(workdir):
     return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
 
 
-def _start_and_signal(workdir, sig, after_step):
+def _start_and_signal(workdir, sig, after_step, *extra, base=BASE):
     """Starts a run and sends ``sig`` once a checkpoint of at least ``after_step`` exists."""
     proc = subprocess.Popen(
-        _cmd(workdir, "--config.checkpoint_every=2"),
+        _cmd(workdir, "--config.checkpoint_every=2", *extra, base=base),
         cwd=ROOT,
         env=_env(),
         stdout=subprocess.PIPE,
@@ -76,26 +87,30 @@ def test_misspelt_config_field_is_an_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_and_sigkill_resumes_like_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("trainer", ["vqgan", "art"])
+def test_sigterm_saves_and_sigkill_resumes_like_an_uninterrupted_run(tmp_path, trainer):
+    base = BASE if trainer == "vqgan" else ART
     full = str(tmp_path / "full")
-    res = _run(full)
+    res = _run(full, base=base)
     assert res.returncode == 0, res.stderr[-3000:]
+    # The interrupted stage-II run reuses the tokenizer the full run trained.
+    extra = [f"--config.stage1.workdir={full}/stage1"] if trainer == "art" else []
 
     part = str(tmp_path / "part")
-    code, out = _start_and_signal(part, signal.SIGTERM, after_step=2)
+    code, out = _start_and_signal(part, signal.SIGTERM, 2, *extra, base=base)
     assert code == 0, out[-3000:]
     assert "SIGTERM" in out
     stopped_at = _steps(part)[-1]
     assert 2 <= stopped_at < STEPS
 
-    code, out = _start_and_signal(part, signal.SIGKILL, after_step=stopped_at + 2)
+    code, out = _start_and_signal(part, signal.SIGKILL, stopped_at + 2, *extra, base=base)
     assert code == -signal.SIGKILL, out[-3000:]
     killed_after = _steps(part)[-1]
     assert killed_after > stopped_at
 
-    res = _run(part)
+    res = _run(part, *extra, base=base)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert f"Resuming vqgan from step {killed_after}" in res.stderr
+    assert f"Resuming {trainer} from step {killed_after}" in res.stderr
     a, b = _losses(full), _losses(part)
     resumed = [s for s in a if s > killed_after]
     assert resumed, (a, killed_after)

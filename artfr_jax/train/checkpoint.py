@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 import grain
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
@@ -86,6 +87,29 @@ def restore_state_only(directory: str, state_target: Any, step: int | None = Non
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(state_target))
     )
     return restored["state"]
+
+
+def restore_subtree(directory: str, target: Any, step: int | None = None) -> Any:
+    """Reads only the leaves of the saved train state named by ``target`` (a pytree of
+    ``ShapeDtypeStruct`` shaped like a part of the state, e.g. ``{'params': {'generator': ...}}``)
+    onto the default device; the rest of the checkpoint (optimizer state, other models) is not read.
+    """
+    manager = ocp.CheckpointManager(directory, item_names=("state", "data", "config"))
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"{directory}: no checkpoint found")
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), target)
+    args = ocp.args.PyTreeRestore(target, restore_args=restore_args, partial_restore=True)
+    restored = manager.restore(step, args=ocp.args.Composite(state=args))
+    return restored["state"]
+
+
+def latest_step(directory: str) -> int | None:
+    """The newest checkpoint step under ``directory`` (``WORKDIR/checkpoints``), or None."""
+    if not os.path.isdir(directory):
+        return None
+    return ocp.CheckpointManager(directory, item_names=("state", "data", "config")).latest_step()
 
 
 def read_config(directory: str, step: int | None = None) -> dict:

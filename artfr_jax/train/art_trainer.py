@@ -1,0 +1,455 @@
+"""Stage II of ART-FR: conditional masked visual token modelling (Sec. 3.2, Alg. 1).
+
+The stage-I VQGAN is frozen and supplies the targets: HQ tokens ``q = Q(E_h(I_h))`` and quantised
+HQ features ``f_h``. Trained: the LQ encoder ``E_l`` (initialised from ``E_h``), the projector and
+the masked token transformer ``A``, with
+
+    L = feature_weight * ||f_l - sg(f_h)||^2 (Eq. 5) + token_weight * CE on masked positions (Eq. 6)
+
+where ``ceil(gamma(r) N)`` of the N HQ tokens are replaced by [MASK], ``r ~ U(0, 1)``. Both losses
+are means (over feature elements, over masked tokens) so that their scale does not depend on N.
+
+If ``config.stage1.train_if_missing`` is set, stage I is trained (or finished) first in
+``<workdir>/stage1`` with ``config.stage1.config``; this is how the demo runs both stages.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from artfr_jax import data as data_lib
+from artfr_jax.evaluation import metrics as metrics_lib
+from artfr_jax.models.artfr import ARTFR
+from artfr_jax.models.transformer import MaskedTokenTransformer
+from artfr_jax.models.vqgan import VQGAN, _l2_normalize, nearest_code
+from artfr_jax.sampling import mask_schedule, maskgit
+from artfr_jax.train import checkpoint as ckpt_lib
+from artfr_jax.train import loop, vqgan_trainer
+from artfr_jax.train import state as state_lib
+from artfr_jax.utils import images as image_utils
+
+# Stage-I model fields that must agree between the declared tokenizer and its checkpoint.
+_TOKENIZER_FIELDS = (
+    "block_out_channels",
+    "layers_per_block",
+    "attention_levels",
+    "mid_attention",
+    "latent_channels",
+    "num_embeddings",
+    "embedding_dim",
+    "norm_num_groups",
+    "normalize_codes",
+)
+
+
+# ----------------------------------------------------------------------------- stage I (frozen)
+
+
+def stage1_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """``config.stage1.workdir``, or ``<workdir>/stage1`` when empty."""
+    return os.path.abspath(config.stage1.workdir or os.path.join(workdir, "stage1"))
+
+
+def ensure_stage1(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """Returns the stage-I workdir, training stage I there first if allowed and unfinished."""
+    directory = stage1_dir(config, workdir)
+    s1 = config.stage1.config
+    step = ckpt_lib.latest_step(ckpt_lib.checkpoint_dir(directory))
+    if config.stage1.train_if_missing and (step is None or step < s1.num_train_steps):
+        logging.info(
+            "Stage I: training the tokenizer in %s (step %s of %d)",
+            directory,
+            step,
+            s1.num_train_steps,
+        )
+        vqgan_trainer.train_and_evaluate(s1, directory)
+    elif step is None:
+        raise FileNotFoundError(
+            f"config.stage1.workdir: no stage-I checkpoint in {directory}; train one with "
+            f"`python -m artfr_jax.main --config=configs/vqgan.py --workdir={directory}` or set "
+            "--config.stage1.train_if_missing=true"
+        )
+    return directory
+
+
+def tokenizer_from_model_config(model: dict) -> VQGAN:
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in model.items()}
+    return VQGAN(**fields)
+
+
+def load_stage1(config: ml_collections.ConfigDict, directory: str) -> tuple[VQGAN, dict]:
+    """The frozen tokenizer and its params (EMA if stage I kept one), with consistency checks."""
+    ckdir = ckpt_lib.checkpoint_dir(directory)
+    saved = ckpt_lib.read_config(ckdir)
+    if saved.get("trainer") != "vqgan":
+        raise ValueError(
+            f"config.stage1.workdir={directory}: expected a stage-I VQGAN checkpoint, found "
+            f"trainer={saved.get('trainer')!r}"
+        )
+    declared = config.stage1.config.model.to_dict()
+    diffs = []
+    for k in _TOKENIZER_FIELDS:
+        a, b = saved["model"].get(k), declared.get(k)
+        norm = lambda v: list(v) if isinstance(v, tuple | list) else v
+        if norm(a) != norm(b):
+            diffs.append(f"{k}: checkpoint {a!r} vs config {b!r}")
+    if diffs:
+        raise ValueError(
+            f"config.stage1.config.model does not match the checkpoint in {directory}: "
+            + "; ".join(diffs)
+        )
+    size = saved["data"]["image_size"]
+    if size != config.data.image_size:
+        raise ValueError(
+            f"config.data.image_size={config.data.image_size} but the stage-I tokenizer in "
+            f"{directory} was trained at {size}"
+        )
+    tokenizer = tokenizer_from_model_config(saved["model"])
+    x = jnp.zeros((1, size, size, 3), jnp.float32)
+    abstract = jax.eval_shape(lambda: tokenizer.init(jax.random.key(0), x, train=False)["params"])
+    key = "ema_params" if saved["optimizer"].get("ema_decay", 0.0) > 0 else "params"
+    restored = ckpt_lib.restore_subtree(ckdir, {key: {"generator": abstract}})
+    return tokenizer, restored[key]["generator"]
+
+
+# ----------------------------------------------------------------------------------- models
+
+
+def make_model(config: ml_collections.ConfigDict, tokenizer: VQGAN) -> ARTFR:
+    m = config.model
+    tokens = (config.data.image_size // tokenizer.downsample_factor) ** 2
+    transformer = None
+    if m.use_transformer:
+        transformer = MaskedTokenTransformer(
+            num_embeddings=tokenizer.num_embeddings,
+            num_tokens=tokens,
+            num_condition_tokens=tokens,
+            width=m.width,
+            depth=m.depth,
+            num_heads=m.num_heads,
+            mlp_dim=m.mlp_dim,
+            condition_mode=m.condition_mode,
+            long_skips=m.long_skips,
+            dropout_rate=m.dropout_rate,
+            remat=m.remat,
+            dtype=compute_dtype(m.dtype),
+        )
+    encoder = tokenizer.clone(remat=m.remat, dtype=compute_dtype(m.dtype))
+    return ARTFR(lq_encoder=encoder, transformer=transformer)
+
+
+def compute_dtype(name: str):
+    """``config.model.dtype``: activations and matmuls in 'float32' or 'bfloat16' (params and
+    optimizer state stay float32; logits and losses are computed in float32)."""
+    if name not in ("float32", "bfloat16"):
+        raise ValueError(f"config.model.dtype={name!r}: expected 'float32' or 'bfloat16'")
+    return jnp.dtype(name)
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """Adam with a cosine decay from 2e-4 to 2e-5 over the run (Sec. 4.1)."""
+    opt = config.optimizer
+    lr = vqgan_trainer.learning_rate_schedule(opt, opt.learning_rate, config.num_train_steps)
+    chain = [optax.clip_by_global_norm(opt.grad_clip)] if opt.grad_clip else []
+    return optax.chain(*chain, optax.adam(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps))
+
+
+def init_state(rng, mesh, *, config, art, tx, stage1_params, init_params=None):
+    """Random init; ``E_l`` copied from the stage-I encoder (``model.init_lq_encoder_from_stage1``)
+    and everything copied from ``init_params`` (a stage-II model to fine-tune) when given."""
+    size = config.data.image_size
+    n = art.transformer.num_tokens if art.transformer is not None else 1
+    x = jnp.zeros((1, size, size, 3), jnp.float32)
+    tokens = jnp.zeros((1, n), jnp.int32)
+
+    def init(rng):
+        return {"art": art.init({"params": rng}, x, tokens)["params"]}
+
+    ema_keys = ("art",) if config.optimizer.ema_decay > 0 else ()
+    state, shardings = state_lib.create_train_state(
+        init, tx, rng, mesh, ema_keys=ema_keys, min_shard_size=config.mesh.min_shard_size
+    )
+    params = dict(state.params["art"])
+    if init_params is not None:
+        params = jax.tree.map(lambda x: jnp.array(x, copy=True), dict(init_params))
+    elif config.model.init_lq_encoder_from_stage1:
+        # Fresh buffers: the frozen tokenizer keeps its own, and the state's are donated.
+        copy = lambda tree: jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+        params["lq_encoder"] = {
+            "encoder": copy(stage1_params["encoder"]),
+            "quant_conv": copy(stage1_params["quant_conv"]),
+        }
+    params = jax.device_put({"art": params}, shardings.params)
+    ema = jax.tree.map(jnp.copy, params) if ema_keys else None
+    return state.replace(params=params, ema_params=ema), shardings
+
+
+# ------------------------------------------------------------------------------ train / eval
+
+
+def hq_targets(tokenizer: VQGAN, tok_params, hq: jax.Array):
+    """Frozen ``E_h`` + ``Q``: ``hq [B, H, W, 3] -> (tokens [B, N], f_h quantised [B, h, w, C])``."""
+    z = tokenizer.apply({"params": tok_params}, hq, method=VQGAN.encode)
+    _, idx, _ = tokenizer.apply({"params": tok_params}, z, method=VQGAN.quantize)
+    f_h = tokenizer.apply({"params": tok_params}, idx, method=VQGAN.lookup)
+    return idx.reshape(idx.shape[0], -1), jax.lax.stop_gradient(f_h.astype(jnp.float32))
+
+
+def _codebook_space(tokenizer: VQGAN, f: jax.Array) -> jax.Array:
+    f = f.astype(jnp.float32)
+    return _l2_normalize(f) if tokenizer.normalize_codes else f
+
+
+def nearest_tokens(tokenizer: VQGAN, tok_params, f_l: jax.Array) -> jax.Array:
+    """Plain VQGAN lookup of LQ features (the "AR module off" restoration): ``-> [B, N]``."""
+    codebook = tok_params["quantizer"]["codebook"].astype(jnp.float32)
+    if tokenizer.normalize_codes:
+        codebook = _l2_normalize(codebook)
+    idx = nearest_code(_codebook_space(tokenizer, f_l), codebook)
+    return idx.reshape(idx.shape[0], -1)
+
+
+def train_step(state, batch, rng, frozen, *, config, art, tokenizer, tx):
+    """One update of ``E_l``, projector and transformer. batch: uint8 'hq', 'lq' ``[B, H, W, 3]``."""
+    hq = loop.to_float_image(batch["hq"])
+    lq = loop.to_float_image(batch["lq"])
+    targets, f_h = hq_targets(tokenizer, frozen["tokenizer"], hq)
+    b, n = targets.shape
+    mask_rng, dropout_rng = jax.random.split(rng)
+    use_ar = art.transformer is not None
+    if use_ar:
+        mask = mask_schedule.training_mask(mask_rng, b, n, config.loss.mask_schedule)
+        tokens = jnp.where(mask, art.transformer.mask_token_id, targets)
+    else:
+        mask = jnp.zeros((b, n), bool)
+        tokens = targets
+    lc = config.loss
+
+    def loss_fn(params):
+        logits, f_l = art.apply(
+            {"params": params}, lq, tokens, train=True, rngs={"dropout": dropout_rng}
+        )
+        feat = jnp.mean(jnp.square(_codebook_space(tokenizer, f_l) - f_h))
+        terms = {"feat_loss": feat}
+        loss = lc.feature_weight * feat
+        if use_ar:
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+            m = mask.astype(jnp.float32)
+            n_masked = jnp.maximum(jnp.sum(m), 1.0)
+            terms["token_loss"] = jnp.sum(ce * m) / n_masked
+            hit = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+            terms["token_acc"] = jnp.sum(hit * m) / n_masked
+            terms["mask_ratio"] = jnp.mean(m)
+            loss = loss + lc.token_weight * terms["token_loss"]
+        return loss, (terms, f_l)
+
+    (loss, (terms, f_l)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params["art"])
+    terms["lookup_acc"] = jnp.mean(
+        (
+            nearest_tokens(tokenizer, frozen["tokenizer"], jax.lax.stop_gradient(f_l)) == targets
+        ).astype(jnp.float32)
+    )
+    new_state = state.apply_gradients({"art": grads}, tx, config.optimizer.ema_decay)
+    metrics = {
+        "loss": loss,
+        **terms,
+        "grad_norm": optax.global_norm(grads),
+        "param_norm": optax.global_norm(new_state.params["art"]),
+        "update_norm": optax.global_norm(
+            jax.tree.map(jnp.subtract, new_state.params["art"], state.params["art"])
+        ),
+    }
+    return new_state, metrics
+
+
+def restore_tokens(art_params, tok_params, lq, rng, *, art, tokenizer, sampling):
+    """Sec. 3.3: ``lq [B, H, W, 3]`` in [-1, 1] -> (tokens [B, N], f_l). Pure; jit it whole.
+
+    With the AR module: T-step MaskGIT decoding conditioned on ``f_l``; without: nearest code.
+    """
+    f_l = art.apply({"params": art_params}, lq, method=ARTFR.encode_condition)
+    if art.transformer is None:
+        return nearest_tokens(tokenizer, tok_params, f_l), f_l
+    logits_fn = lambda t: art.apply({"params": art_params}, t, f_l, method=ARTFR.token_logits)
+    tokens = maskgit.decode(
+        logits_fn,
+        rng,
+        batch_size=lq.shape[0],
+        seq_len=art.transformer.num_tokens,
+        mask_token_id=art.transformer.mask_token_id,
+        num_steps=sampling.steps,
+        temperature=sampling.temperature,
+        choice_temperature=sampling.choice_temperature,
+        schedule_kind=sampling.schedule,
+    )
+    return tokens, f_l
+
+
+def decode_tokens(tok_params, tokens, *, tokenizer):
+    """Frozen codebook lookup + HQ decoder: ``tokens [B, N] -> image [B, H, W, 3]`` in [-1, 1]."""
+    side = int(round(tokens.shape[1] ** 0.5))
+    idx = tokens.reshape(tokens.shape[0], side, side)
+    return tokenizer.apply({"params": tok_params}, idx, method=VQGAN.decode_indices)
+
+
+def restore_images(art_params, tok_params, lq, rng, *, art, tokenizer, sampling):
+    """The whole restoration: ``lq [B, H, W, 3]`` in [-1, 1] -> restored, tokens."""
+    tokens, _ = restore_tokens(
+        art_params, tok_params, lq, rng, art=art, tokenizer=tokenizer, sampling=sampling
+    )
+    return decode_tokens(tok_params, tokens, tokenizer=tokenizer), tokens
+
+
+def eval_step(state, batch, frozen, *, config, art, tokenizer):
+    """Restores the held-out LQ faces; PSNR/SSIM of input and output against HQ, token accuracy
+    of the decoded tokens and of the plain lookup. Rows: LQ | restored | HQ."""
+    params = state.ema_params["art"] if state.ema_params is not None else state.params["art"]
+    tok = frozen["tokenizer"]
+    hq = loop.to_float_image(batch["hq"])
+    lq = loop.to_float_image(batch["lq"])
+    targets, _ = hq_targets(tokenizer, tok, hq)
+    tokens, f_l = restore_tokens(
+        params, tok, lq, jax.random.key(0), art=art, tokenizer=tokenizer, sampling=config.sampling
+    )
+    restored = loop.to_uint8_image(decode_tokens(tok, tokens, tokenizer=tokenizer))
+    x255 = batch["hq"].astype(jnp.float32)
+    per_image = {
+        "psnr": metrics_lib.psnr(restored.astype(jnp.float32), x255),
+        "ssim": metrics_lib.ssim(restored.astype(jnp.float32), x255),
+        "psnr_input": metrics_lib.psnr(batch["lq"].astype(jnp.float32), x255),
+        "token_acc": jnp.mean((tokens == targets).astype(jnp.float32), axis=1),
+        "lookup_acc": jnp.mean(
+            (nearest_tokens(tokenizer, tok, f_l) == targets).astype(jnp.float32), axis=1
+        ),
+    }
+    mask = batch["mask"]
+    sums = {k: jnp.sum(v * mask) for k, v in per_image.items()}
+    sums["count"] = jnp.sum(mask)
+    rows = jnp.concatenate([batch["lq"], restored, batch["hq"]], axis=2)
+    return sums, rows
+
+
+def make_stage(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
+    s1 = ensure_stage1(config, workdir)
+    tokenizer, tok_params = load_stage1(config, s1)
+    art = make_model(config, tokenizer)
+    tx = make_optimizer(config)
+    init_params = None
+    if config.init_from:
+        init_params = load_art_params(config.init_from, art, config.data.image_size)
+    return loop.Stage(
+        name="art",
+        init_state=functools.partial(
+            init_state,
+            config=config,
+            art=art,
+            tx=tx,
+            stage1_params=tok_params,
+            init_params=init_params,
+        ),
+        train_step=functools.partial(
+            train_step, config=config, art=art, tokenizer=tokenizer, tx=tx
+        ),
+        eval_step=functools.partial(eval_step, config=config, art=art, tokenizer=tokenizer),
+        train_iterator=lambda seed, pi, pc: data_lib.make_train_iterator(
+            config.data,
+            global_batch_size=config.batch_size,
+            seed=seed,
+            process_index=pi,
+            process_count=pc,
+        ),
+        eval_batches=lambda: data_lib.make_eval_batches(
+            config.data,
+            num_images=config.eval.num_images,
+            batch_size=config.eval.batch_size,
+            seed=config.seed,
+        ),
+        frozen={"tokenizer": tok_params},
+    )
+
+
+def abstract_art_params(art: ARTFR, image_size: int):
+    n = art.transformer.num_tokens if art.transformer is not None else 1
+    x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    tokens = jnp.zeros((1, n), jnp.int32)
+    return jax.eval_shape(lambda: art.init(jax.random.key(0), x, tokens)["params"])
+
+
+def load_art_params(workdir: str, art: ARTFR, image_size: int) -> dict:
+    """Stage-II params (EMA if kept) from the latest checkpoint of a stage-II workdir."""
+    ckdir = ckpt_lib.checkpoint_dir(workdir)
+    saved = ckpt_lib.read_config(ckdir)
+    if saved.get("trainer") != "art":
+        raise ValueError(
+            f"{workdir}: expected an ART-FR stage-II checkpoint, found trainer="
+            f"{saved.get('trainer')!r}"
+        )
+    key = "ema_params" if saved["optimizer"].get("ema_decay", 0.0) > 0 else "params"
+    target = {key: {"art": abstract_art_params(art, image_size)}}
+    try:
+        return ckpt_lib.restore_subtree(ckdir, target)[key]["art"]
+    except (ValueError, KeyError) as e:
+        raise ValueError(
+            f"{workdir}: its stage-II parameters do not fit this model config ({e})"
+        ) from None
+
+
+def final_restoration(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Restores ``final_restore.num_images`` held-out degraded faces with the trained model (the
+    same path as ``python -m artfr_jax.restore``), writes them to ``samples/restored/`` with a
+    grid LQ | restored | HQ, and reports PSNR of input and output against HQ."""
+    from artfr_jax import inference  # noqa: PLC0415  (inference imports this module)
+
+    restorer = inference.load_restorer(workdir)
+    batches = data_lib.make_eval_batches(
+        config.data,
+        num_images=config.final_restore.num_images,
+        batch_size=config.eval.batch_size,
+        seed=config.seed + 1,
+    )
+    out_dir = os.path.join(workdir, "samples", "restored")
+    os.makedirs(out_dir, exist_ok=True)
+    psnr_in, psnr_out, rows = [], [], []
+    t0 = time.time()
+    for i, batch in enumerate(batches):
+        restored = restorer(batch["lq"], jax.random.fold_in(jax.random.key(config.seed), i))
+        hq = batch["hq"].astype(np.float32)
+        psnr_in.extend(np.asarray(metrics_lib.psnr(batch["lq"].astype(np.float32), hq)))
+        psnr_out.extend(np.asarray(metrics_lib.psnr(restored.astype(np.float32), hq)))
+        for j in range(len(restored)):
+            k = len(rows)
+            image_utils.save_grid(restored[j][None], os.path.join(out_dir, f"{k:04d}.png"))
+            rows.append(np.concatenate([batch["lq"][j], restored[j], batch["hq"][j]], axis=1))
+    image_utils.save_grid(np.stack(rows), os.path.join(workdir, "samples", "restored_grid.png"))
+    summary = {
+        "num_images": len(rows),
+        "psnr_input": float(np.mean(psnr_in)),
+        "psnr_restored": float(np.mean(psnr_out)),
+        "seconds": time.time() - t0,
+    }
+    with open(os.path.join(workdir, "samples", "restored_summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    print(
+        f"Restored {summary['num_images']} held-out faces into {out_dir}: PSNR of the degraded "
+        f"input {summary['psnr_input']:.2f} dB -> restored {summary['psnr_restored']:.2f} dB "
+        f"(grid LQ | restored | HQ: samples/restored_grid.png)",
+        flush=True,
+    )
+    return summary
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    result = loop.train_and_evaluate(config, workdir, make_stage(config, workdir))
+    if config.final_restore.num_images and jax.process_index() == 0:
+        result = {**result, "final": final_restoration(config, workdir)}
+    return result

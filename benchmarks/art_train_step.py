@@ -1,0 +1,147 @@
+r"""Stage-II (ART-FR) train step: compile time, median step time, FLOPs and share of peak.
+
+    python -m benchmarks.art_train_step --config=smoke
+    python -m benchmarks.art_train_step --config=paper --batch=1 --steps=2
+    python -m benchmarks.art_train_step --config=paper --batch=24 --dtype=bfloat16   # on a GPU
+
+Random uint8 batches and random tokenizer weights (same compute as trained ones) are placed on the
+devices once, so the numbers are the step alone. FLOPs come from XLA's cost analysis of the compiled
+step; utilisation = FLOPs / step time / ``--peak-tflops`` (default: the dense bf16 peak of known
+accelerators, none on CPU). Times: median of ``--steps`` runs after ``--warmup`` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import statistics
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from artfr_jax.train import art_trainer, sharding  # noqa: E402
+from configs import art as art_config  # noqa: E402
+
+# Dense bf16 peak TFLOP/s per chip (vendor data sheets, no sparsity).
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v5p": 459.0, "TPU v4": 275.0}
+
+
+def peak_tflops(device) -> float | None:
+    kind = getattr(device, "device_kind", "")
+    for name, peak in PEAK_BF16_TFLOPS.items():
+        if name.lower() in kind.lower():
+            return peak
+    return None
+
+
+def _override(config, assignment: str):
+    key, _, value = assignment.partition("=")
+    *path, last = key.split(".")
+    node = config
+    for p in path:
+        node = node[p]
+    old = node[last]
+    if isinstance(old, bool):
+        node[last] = value.lower() in ("1", "true", "yes")
+    elif isinstance(old, tuple | list):
+        node[last] = type(old)(int(v) for v in value.strip("()[]").split(",") if v.strip())
+    else:
+        node[last] = type(old)(value)
+
+
+def build(config_name: str, per_device_batch: int | None, dtype: str, remat: bool, sets=()):
+    config = art_config.get_config(None if config_name == "paper" else config_name)
+    for assignment in sets:
+        _override(config, assignment)
+    config.model.dtype = dtype
+    config.model.remat = remat
+    config.mesh.update(data=-1, fsdp=1)
+    if per_device_batch is not None:
+        config.batch_size = per_device_batch * len(jax.devices())
+    tokenizer = art_trainer.tokenizer_from_model_config(config.stage1.config.model.to_dict())
+    size = config.data.image_size
+    x = jnp.zeros((1, size, size, 3))
+    tok_params = jax.jit(lambda k: tokenizer.init(k, x, train=False)["params"])(jax.random.key(1))
+    art = art_trainer.make_model(config, tokenizer)
+    tx = art_trainer.make_optimizer(config)
+    init = functools.partial(
+        art_trainer.init_state, config=config, art=art, tx=tx, stage1_params=tok_params
+    )
+    step = functools.partial(
+        art_trainer.train_step, config=config, art=art, tokenizer=tokenizer, tx=tx
+    )
+    return config, init, step, {"tokenizer": tok_params}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", choices=["smoke", "demo", "paper"], default="smoke")
+    parser.add_argument("--batch", type=int, default=None, help="per-device batch size")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--remat", action="store_true")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--peak-tflops", type=float, default=None)
+    parser.add_argument(
+        "--set", action="append", default=[], help="config override, e.g. model.width=128"
+    )
+    args = parser.parse_args()
+
+    config, init, step_fn, frozen = build(args.config, args.batch, args.dtype, args.remat, args.set)
+    mesh = sharding.make_mesh(config.mesh)
+    size, n = config.data.image_size, config.batch_size
+    dev = jax.devices()[0]
+    print(
+        f"backend={jax.default_backend()} device={dev.device_kind} devices={len(jax.devices())} "
+        f"config={args.config} image={size}px global_batch={n} dtype={args.dtype} "
+        f"width={config.model.width} depth={config.model.depth}"
+    )
+    state, shardings = init(jax.random.key(0), mesh)
+    rng = np.random.default_rng(0)
+    host = {k: rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8) for k in ("hq", "lq")}
+    with jax.set_mesh(mesh):
+        batch = sharding.global_batch_to_devices(host, mesh)
+        repl = sharding.replicated(mesh)
+        frozen = jax.device_put(frozen, repl)
+        jitted = jax.jit(
+            step_fn,
+            in_shardings=(shardings, sharding.batch_sharding(mesh), repl, repl),
+            out_shardings=(shardings, repl),
+            donate_argnums=0,
+        )
+        t0 = time.perf_counter()
+        compiled = jitted.lower(state, batch, jax.random.key(0), frozen).compile()
+        compile_s = time.perf_counter() - t0
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        flops = float(cost.get("flops", 0.0)) if cost else 0.0
+        times = []
+        for i in range(args.warmup + args.steps):
+            t0 = time.perf_counter()
+            state, metrics = compiled(state, batch, jax.random.key(i), frozen)
+            jax.block_until_ready(metrics)
+            if i >= args.warmup:
+                times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    print(f"compile: {compile_s:.1f} s")
+    print(
+        f"step: median {med * 1e3:.1f} ms over {len(times)} runs "
+        f"(min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f}); "
+        f"{n / med:.1f} images/s"
+    )
+    if flops:
+        achieved = flops / med / 1e12
+        peak = args.peak_tflops or peak_tflops(dev)
+        line = f"flops/step (XLA, per device): {flops / 1e9:.1f} GFLOP; achieved {achieved:.2f} TFLOP/s"
+        if peak:
+            line += f" = {100 * achieved / peak:.1f}% of {peak:.0f} TFLOP/s bf16 peak"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()

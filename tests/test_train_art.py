@@ -1,0 +1,210 @@
+"""Stage II of ART-FR on the tiny config: a real run, sharding parity, resume, the frozen stage-I
+checks, the restorer and the restore command on a real checkpoint."""
+
+import glob
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl import flags
+
+from artfr_jax import inference, restore
+from artfr_jax.train import art_trainer, sharding, vqgan_trainer
+from artfr_jax.train import checkpoint as ckpt_lib
+from artfr_jax.train import writers as writers_lib
+from configs import art as art_config
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory):
+    """One tiny stage-I tokenizer shared by every test here."""
+    workdir = str(tmp_path_factory.mktemp("stage1"))
+    config = art_config.get_config("tiny").stage1.config
+    config.eval_every = 0
+    vqgan_trainer.train_and_evaluate(config, workdir)
+    return workdir
+
+
+def tiny_config(stage1_dir, **overrides):
+    config = art_config.get_config("tiny")
+    config.stage1.workdir = stage1_dir
+    config.stage1.train_if_missing = False
+    for k, v in overrides.items():
+        node = config
+        *path, last = k.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = v
+    return config
+
+
+def _losses(workdir):
+    rows = writers_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    return {r["step"]: r for r in rows if "train/loss" in r}
+
+
+def test_train_and_evaluate_then_restore(stage1, tmp_path):
+    workdir = str(tmp_path / "art")
+    config = tiny_config(stage1, **{"final_restore.num_images": 4})
+    result = art_trainer.train_and_evaluate(config, workdir)
+    for k in ("psnr", "psnr_input", "ssim", "token_acc", "lookup_acc"):
+        assert np.isfinite(result[k]), k
+    losses = _losses(workdir)
+    assert sorted(losses) == [2, 4]
+    for row in losses.values():
+        assert 0.0 < row["train/mask_ratio"] <= 1.0
+        assert np.isfinite(row["train/token_loss"]) and np.isfinite(row["train/feat_loss"])
+    assert os.path.exists(os.path.join(workdir, "samples", "art_step0000004.png"))
+    assert len(glob.glob(os.path.join(workdir, "samples", "restored", "*.png"))) == 4
+    with open(os.path.join(workdir, "samples", "restored_summary.json")) as f:
+        summary = json.load(f)
+    assert summary["num_images"] == 4 and np.isfinite(summary["psnr_restored"])
+
+    restorer = inference.load_restorer(workdir)
+    assert restorer.image_size == 32
+    lq = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3)).astype(np.uint8)
+    a = restorer(lq, jax.random.key(0))
+    b = restorer(lq, jax.random.key(1))
+    assert a.shape == lq.shape and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, b)  # temperature 0 is greedy: the key does not matter
+    hot = inference.load_restorer(workdir, temperature=5.0)
+    assert not np.array_equal(hot(lq, jax.random.key(0)), hot(lq, jax.random.key(1)))
+    with pytest.raises(ValueError, match="uint8"):
+        restorer(lq.astype(np.float32), jax.random.key(0))
+
+    # The restore command on this checkpoint: a good image and a broken one.
+    src = tmp_path / "in"
+    src.mkdir()
+    from PIL import Image
+
+    Image.fromarray(lq[0]).resize((48, 40)).save(src / "face.png")
+    (src / "broken.jpg").write_text("not an image")
+    fv = flags.FlagValues()
+    restore.define_flags(fv)
+    fv(["restore", f"--workdir={workdir}", f"--input={src}", f"--output={tmp_path / 'out'}"])
+    assert restore.main(["restore"], fv) == 1
+    out = np.asarray(Image.open(tmp_path / "out" / "face.png"))
+    assert out.shape == (32, 32, 3)
+    assert sorted(os.listdir(src)) == ["broken.jpg", "face.png"]
+
+
+def _one_step(config, devices):
+    mesh = sharding.make_mesh(config.mesh, devices=devices)
+    stage = art_trainer.make_stage(config, "/unused")
+    state, shardings = stage.init_state(jax.random.key(0), mesh)
+    batch = next(stage.train_iterator(0, 0, 1))
+    with jax.set_mesh(mesh):
+        step = jax.jit(
+            stage.train_step,
+            in_shardings=(shardings, sharding.batch_sharding(mesh), None, None),
+            out_shardings=(shardings, None),
+        )
+        frozen = jax.device_put(stage.frozen, sharding.replicated(mesh))
+        new_state, metrics = step(
+            state, sharding.global_batch_to_devices(batch, mesh), jax.random.key(1), frozen
+        )
+    return jax.device_get(new_state.params), jax.device_get(metrics), new_state
+
+
+def test_eight_device_step_matches_one_device(stage1):
+    # eps as in the stage-I parity test: Adam's first step g/(|g|+eps) amplifies round-off in
+    # near-zero gradients into sign flips.
+    config = tiny_config(stage1, **{"optimizer.eps": 1e-3, "model.dropout_rate": 0.1})
+    with jax.default_matmul_precision("highest"):
+        p1, m1, _ = _one_step(config, jax.devices()[:1])
+        config.mesh.update(data=4, fsdp=2)
+        p8, m8, state8 = _one_step(config, jax.devices()[:8])
+    specs = {str(x.sharding.spec) for x in jax.tree.leaves(state8.params)}
+    assert any("fsdp" in s for s in specs), specs
+    for k in m1:
+        np.testing.assert_allclose(m8[k], m1[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    for a, b in zip(jax.tree.leaves(p8), jax.tree.leaves(p1), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_resume_matches_uninterrupted_run(stage1, tmp_path):
+    # A constant learning rate, so that the shortened first run follows the same schedule.
+    kw = {"eval_every": 0, "optimizer.schedule": "constant"}
+    full = str(tmp_path / "full")
+    art_trainer.train_and_evaluate(tiny_config(stage1, **kw), full)
+    part = str(tmp_path / "part")
+    art_trainer.train_and_evaluate(tiny_config(stage1, num_train_steps=2, **kw), part)
+    art_trainer.train_and_evaluate(tiny_config(stage1, **kw), part)
+    a, b = _losses(full), _losses(part)
+    np.testing.assert_allclose(b[4]["train/loss"], a[4]["train/loss"], rtol=1e-6)
+
+
+def test_lq_encoder_starts_from_stage_one(stage1):
+    config = tiny_config(stage1)
+    stage = art_trainer.make_stage(config, "/unused")
+    mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
+    state, _ = stage.init_state(jax.random.key(0), mesh)
+    tok = stage.frozen["tokenizer"]
+    for name in ("encoder", "quant_conv"):
+        for a, b in zip(
+            jax.tree.leaves(state.params["art"]["lq_encoder"][name]),
+            jax.tree.leaves(tok[name]),
+            strict=True,
+        ):
+            np.testing.assert_array_equal(a, b)
+    config.model.init_lq_encoder_from_stage1 = False
+    state, _ = art_trainer.make_stage(config, "/unused").init_state(jax.random.key(0), mesh)
+    kernel = state.params["art"]["lq_encoder"]["encoder"]["conv_in"]["kernel"]
+    assert not np.allclose(kernel, tok["encoder"]["conv_in"]["kernel"])
+
+
+def test_missing_and_mismatched_stage_one_are_clear_errors(stage1, tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.stage1.workdir.*configs/vqgan.py"):
+        art_trainer.make_stage(tiny_config(str(tmp_path / "nothing")), str(tmp_path))
+    config = tiny_config(stage1)
+    config.stage1.config.model.num_embeddings = 64
+    with pytest.raises(ValueError, match="num_embeddings: checkpoint 32 vs config 64"):
+        art_trainer.make_stage(config, str(tmp_path))
+    config = tiny_config(stage1)
+    config.data.image_size = 64
+    with pytest.raises(ValueError, match="image_size=64.*trained at 32"):
+        art_trainer.make_stage(config, str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        inference.load_restorer(str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="'vqgan' checkpoint"):
+        inference.load_restorer(stage1)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"model.use_transformer": False},
+        {"model.long_skips": False, "loss.feature_weight": 0.0},
+        {"model.condition_mode": "cross_attention"},
+    ],
+    ids=["ar_off", "no_skips_no_feat", "cross_attention"],
+)
+def test_ablations_train(stage1, tmp_path, overrides):
+    config = tiny_config(stage1, eval_every=0, num_train_steps=2, **overrides)
+    stage = art_trainer.make_stage(config, "/unused")
+    mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
+    state, shardings = stage.init_state(jax.random.key(0), mesh)
+    batch = sharding.global_batch_to_devices(next(stage.train_iterator(0, 0, 1)), mesh)
+    with jax.set_mesh(mesh):
+        state, metrics = jax.jit(stage.train_step)(state, batch, jax.random.key(1), stage.frozen)
+    assert np.isfinite(float(metrics["loss"]))
+    if not config.model.use_transformer:
+        assert set(state.params["art"]) == {"lq_encoder"}
+        np.testing.assert_allclose(float(metrics["loss"]), float(metrics["feat_loss"]))
+        sums, rows = jax.jit(stage.eval_step)(
+            state, {**batch, "mask": jnp.ones(batch["hq"].shape[0])}, stage.frozen
+        )
+        # Without the AR module, restoration is exactly the plain lookup.
+        assert float(sums["token_acc"]) == pytest.approx(float(sums["lookup_acc"]))
+    elif config.loss.feature_weight == 0:
+        np.testing.assert_allclose(float(metrics["loss"]), float(metrics["token_loss"]))
+
+
+def test_checkpoint_config_names_the_trainer(stage1, tmp_path):
+    workdir = str(tmp_path / "art")
+    art_trainer.train_and_evaluate(tiny_config(stage1, eval_every=0, num_train_steps=2), workdir)
+    saved = ckpt_lib.read_config(ckpt_lib.checkpoint_dir(workdir))
+    assert saved["trainer"] == "art" and saved["stage1"]["workdir"] == stage1
