@@ -1,6 +1,7 @@
 """Stage II of ART-FR on the tiny config: a real run, sharding parity, resume, the frozen stage-I
 checks, the restorer and the restore command on a real checkpoint."""
 
+import csv
 import glob
 import json
 import os
@@ -16,6 +17,8 @@ from artfr_jax.train import art_trainer, sharding, vqgan_trainer
 from artfr_jax.train import checkpoint as ckpt_lib
 from artfr_jax.train import writers as writers_lib
 from configs import art as art_config
+from experiments import token_accuracy
+from tests import overrides as overrides_lib
 
 
 @pytest.fixture(scope="module")
@@ -32,13 +35,7 @@ def tiny_config(stage1_dir, **overrides):
     config = art_config.get_config("tiny")
     config.stage1.workdir = stage1_dir
     config.stage1.train_if_missing = False
-    for k, v in overrides.items():
-        node = config
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return config
+    return overrides_lib.apply(config, overrides)
 
 
 def _losses(workdir):
@@ -46,10 +43,16 @@ def _losses(workdir):
     return {r["step"]: r for r in rows if "train/loss" in r}
 
 
-def test_train_and_evaluate_then_restore(stage1, tmp_path):
-    workdir = str(tmp_path / "art")
+@pytest.fixture(scope="module")
+def trained(stage1, tmp_path_factory):
+    """(workdir, result) of one tiny stage-II run with the final restoration."""
+    workdir = str(tmp_path_factory.mktemp("art"))
     config = tiny_config(stage1, **{"final_restore.num_images": 4})
-    result = art_trainer.train_and_evaluate(config, workdir)
+    return workdir, art_trainer.train_and_evaluate(config, workdir)
+
+
+def test_train_and_evaluate_then_restore(trained, tmp_path):
+    workdir, result = trained
     for k in ("psnr", "psnr_input", "ssim", "token_acc", "lookup_acc"):
         assert np.isfinite(result[k]), k
     losses = _losses(workdir)
@@ -208,3 +211,21 @@ def test_checkpoint_config_names_the_trainer(stage1, tmp_path):
     art_trainer.train_and_evaluate(tiny_config(stage1, eval_every=0, num_train_steps=2), workdir)
     saved = ckpt_lib.read_config(ckpt_lib.checkpoint_dir(workdir))
     assert saved["trainer"] == "art" and saved["stage1"]["workdir"] == stage1
+
+
+def test_token_accuracy_experiment_writes_csv_and_plot(trained, tmp_path):
+    workdir, _ = trained
+    out = str(tmp_path / "acc")
+    rows = token_accuracy.run(workdir, out, levels=[0.0, 1.0], num_images=4, batch_size=4)
+    with open(os.path.join(out, "token_accuracy.csv")) as f:
+        table = list(csv.DictReader(f))
+    assert [float(r["level"]) for r in table] == [0.0, 1.0]
+    for r in table:
+        for k in ("acc_lookup", "acc_T=1", "acc_T=8"):
+            assert 0.0 <= float(r[k]) <= 1.0
+    # Level 0 is the HQ image itself; level 1 degrades it with every knob at its maximum.
+    assert rows[0]["psnr_input"] == float("inf") or rows[0]["psnr_input"] > 60
+    assert rows[1]["psnr_input"] < 30 and rows[1]["downscale"] > 1 and rows[1]["jpeg"] > 0
+    from PIL import Image
+
+    assert Image.open(os.path.join(out, "token_accuracy.png")).size[0] > 100

@@ -13,17 +13,12 @@ from artfr_jax.train import checkpoint as ckpt_lib
 from artfr_jax.train import loop, sharding, vqgan_trainer
 from artfr_jax.train import writers as writers_lib
 from configs import vqgan as vqgan_config
+from tests import overrides as overrides_lib
 
 
 def tiny_config(**overrides):
     config = vqgan_config.get_config("tiny")
-    for k, v in overrides.items():
-        node = config
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return config
+    return overrides_lib.apply(config, overrides)
 
 
 def _jsonl(workdir):

@@ -87,15 +87,22 @@ def tokenizer_from_model_config(model: dict) -> VQGAN:
     return VQGAN(**fields)
 
 
-def load_stage1(config: ml_collections.ConfigDict, directory: str) -> tuple[VQGAN, dict]:
-    """The frozen tokenizer and its params (EMA if stage I kept one), with consistency checks."""
+def _saved_config(directory: str, trainer: str, what: str) -> tuple[str, dict, str]:
+    """(checkpoint dir, its saved config, 'ema_params' or 'params') of a ``trainer`` workdir."""
     ckdir = ckpt_lib.checkpoint_dir(directory)
     saved = ckpt_lib.read_config(ckdir)
-    if saved.get("trainer") != "vqgan":
+    if saved.get("trainer") != trainer:
         raise ValueError(
-            f"config.stage1.workdir={directory}: expected a stage-I VQGAN checkpoint, found "
+            f"{what}={directory}: expected a {trainer!r} checkpoint, found "
             f"trainer={saved.get('trainer')!r}"
         )
+    key = "ema_params" if saved["optimizer"].get("ema_decay", 0.0) > 0 else "params"
+    return ckdir, saved, key
+
+
+def load_stage1(config: ml_collections.ConfigDict, directory: str) -> tuple[VQGAN, dict]:
+    """The frozen tokenizer and its params (EMA if stage I kept one), with consistency checks."""
+    ckdir, saved, key = _saved_config(directory, "vqgan", "config.stage1.workdir")
     declared = config.stage1.config.model.to_dict()
     diffs = []
     for k in _TOKENIZER_FIELDS:
@@ -117,7 +124,6 @@ def load_stage1(config: ml_collections.ConfigDict, directory: str) -> tuple[VQGA
     tokenizer = tokenizer_from_model_config(saved["model"])
     x = jnp.zeros((1, size, size, 3), jnp.float32)
     abstract = jax.eval_shape(lambda: tokenizer.init(jax.random.key(0), x, train=False)["params"])
-    key = "ema_params" if saved["optimizer"].get("ema_decay", 0.0) > 0 else "params"
     restored = ckpt_lib.restore_subtree(ckdir, {key: {"generator": abstract}})
     return tokenizer, restored[key]["generator"]
 
@@ -361,19 +367,7 @@ def make_stage(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
             train_step, config=config, art=art, tokenizer=tokenizer, tx=tx
         ),
         eval_step=functools.partial(eval_step, config=config, art=art, tokenizer=tokenizer),
-        train_iterator=lambda seed, pi, pc: data_lib.make_train_iterator(
-            config.data,
-            global_batch_size=config.batch_size,
-            seed=seed,
-            process_index=pi,
-            process_count=pc,
-        ),
-        eval_batches=lambda: data_lib.make_eval_batches(
-            config.data,
-            num_images=config.eval.num_images,
-            batch_size=config.eval.batch_size,
-            seed=config.seed,
-        ),
+        **loop.stage_data(config),
         frozen={"tokenizer": tok_params},
     )
 
@@ -387,14 +381,7 @@ def abstract_art_params(art: ARTFR, image_size: int):
 
 def load_art_params(workdir: str, art: ARTFR, image_size: int) -> dict:
     """Stage-II params (EMA if kept) from the latest checkpoint of a stage-II workdir."""
-    ckdir = ckpt_lib.checkpoint_dir(workdir)
-    saved = ckpt_lib.read_config(ckdir)
-    if saved.get("trainer") != "art":
-        raise ValueError(
-            f"{workdir}: expected an ART-FR stage-II checkpoint, found trainer="
-            f"{saved.get('trainer')!r}"
-        )
-    key = "ema_params" if saved["optimizer"].get("ema_decay", 0.0) > 0 else "params"
+    ckdir, _, key = _saved_config(workdir, "art", "stage-II workdir")
     target = {key: {"art": abstract_art_params(art, image_size)}}
     try:
         return ckpt_lib.restore_subtree(ckdir, target)[key]["art"]
@@ -430,7 +417,8 @@ def final_restoration(config: ml_collections.ConfigDict, workdir: str) -> dict:
             k = len(rows)
             image_utils.save_grid(restored[j][None], os.path.join(out_dir, f"{k:04d}.png"))
             rows.append(np.concatenate([batch["lq"][j], restored[j], batch["hq"][j]], axis=1))
-    image_utils.save_grid(np.stack(rows), os.path.join(workdir, "samples", "restored_grid.png"))
+    grid = image_utils.tile(np.stack(rows), columns=4, gap=max(2, rows[0].shape[0] // 16))
+    image_utils.save_grid(grid, os.path.join(workdir, "samples", "restored_grid.png"))
     summary = {
         "num_images": len(rows),
         "psnr_input": float(np.mean(psnr_in)),

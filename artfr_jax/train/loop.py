@@ -79,6 +79,28 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+def stage_data(config: ml_collections.ConfigDict) -> dict:
+    """The ``train_iterator`` and ``eval_batches`` of a stage that reads ``config.data`` with
+    ``config.batch_size`` and evaluates on ``config.eval.num_images`` held-out images."""
+    from artfr_jax import data as data_lib  # noqa: PLC0415  (keeps the loop importable alone)
+
+    return dict(
+        train_iterator=lambda seed, pi, pc: data_lib.make_train_iterator(
+            config.data,
+            global_batch_size=config.batch_size,
+            seed=seed,
+            process_index=pi,
+            process_count=pc,
+        ),
+        eval_batches=lambda: data_lib.make_eval_batches(
+            config.data,
+            num_images=config.eval.num_images,
+            batch_size=config.eval.batch_size,
+            seed=config.seed,
+        ),
+    )
+
+
 def _pad_to_multiple(batch: dict, multiple: int) -> dict:
     n = len(next(iter(batch.values())))
     pad = (-n) % multiple

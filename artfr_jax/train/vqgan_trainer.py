@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from artfr_jax import data as data_lib
 from artfr_jax.evaluation import metrics as metrics_lib
 from artfr_jax.losses import adversarial, perceptual
 from artfr_jax.models.discriminators import PatchDiscriminator
@@ -218,19 +217,7 @@ def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
             train_step, config=config, vqgan=vqgan, disc=disc, lpips=lpips, tx=tx
         ),
         eval_step=functools.partial(eval_step, vqgan=vqgan),
-        train_iterator=lambda seed, pi, pc: data_lib.make_train_iterator(
-            config.data,
-            global_batch_size=config.batch_size,
-            seed=seed,
-            process_index=pi,
-            process_count=pc,
-        ),
-        eval_batches=lambda: data_lib.make_eval_batches(
-            config.data,
-            num_images=config.eval.num_images,
-            batch_size=config.eval.batch_size,
-            seed=config.seed,
-        ),
+        **loop.stage_data(config),
         frozen=frozen,
     )
 

@@ -19,6 +19,19 @@ def stack_rows(rows: np.ndarray) -> np.ndarray:
     return rows.reshape(-1, *rows.shape[2:]) if rows.ndim == 4 else rows
 
 
+def tile(rows: np.ndarray, columns: int, gap: int = 2) -> np.ndarray:
+    """[B, H, W, 3] -> [ceil(B / columns), H, columns * (W + gap) - gap, 3]: ``columns`` rows side
+    by side with a white gap (missing cells white)."""
+    rows = np.asarray(rows)
+    b, h, w, c = rows.shape
+    n = -(-b // columns)
+    out = np.full((n, h, columns * (w + gap) - gap, c), 255, rows.dtype)
+    for i in range(b):
+        x = (i % columns) * (w + gap)
+        out[i // columns, :, x : x + w] = rows[i]
+    return out
+
+
 def save_grid(rows: np.ndarray, path: str) -> str:
     """Writes grid rows as one PNG (creating the folder); returns the path."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
