@@ -17,11 +17,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from etils import epath
 from flax import linen as nn
-from flax import serialization, traverse_util
+from flax import traverse_util
 
 from artfr_jax.models.vgg import LPIPS_LAYERS, VGG, imagenet_normalize
+from artfr_jax.utils import params_io
 
 Dtype = Any
 Params = Any
@@ -156,37 +156,11 @@ def load_dists_params(path: str | None) -> Params:
     the file is not a converted DISTS params tree and ``FileNotFoundError`` when it does not exist;
     the message names the file and the command that produces it.
     """
-    if not path:
-        raise ValueError(
-            "DISTS needs a weights file (dists.msgpack) but none was given; convert torchvision's "
-            f"VGG16 weights with: {_convert_hint('')}"
-        )
-    p = epath.Path(path)
-    if not p.exists():
-        raise FileNotFoundError(
-            f"DISTS weights file {path} not found; create it with: {_convert_hint(str(path))}"
-        )
-    try:
-        tree = serialization.msgpack_restore(p.read_bytes())
-        flat = traverse_util.flatten_dict(tree)
-    except Exception as e:  # msgpack raises several unrelated types on garbage
-        raise ValueError(
-            f"DISTS weights file {path} is not a flax msgpack params tree ({type(e).__name__}); "
-            f"recreate it with: {_convert_hint(str(path))}"
-        ) from None
-    expected = dists_param_shapes()
-    for key, shape in expected.items():
-        got = flat.get(key)
-        if got is None or tuple(np.shape(got)) != shape:
-            found = "missing" if got is None else f"shape {tuple(np.shape(got))}"
-            raise ValueError(
-                f"DISTS weights file {path}: {'/'.join(key)} is {found}, expected shape {shape}; "
-                f"recreate it with: {_convert_hint(str(path))}"
-            )
-    extra = sorted("/".join(k) for k in flat if k not in expected)
-    if extra:
-        raise ValueError(
-            f"DISTS weights file {path}: unexpected entries {extra[:3]}; "
-            f"recreate it with: {_convert_hint(str(path))}"
-        )
-    return traverse_util.unflatten_dict({k: np.asarray(v, np.float32) for k, v in flat.items()})
+    return params_io.load_params_file(
+        path,
+        label="DISTS",
+        user="DISTS",
+        filename="dists.msgpack",
+        expected=dists_param_shapes(),
+        hint=_convert_hint,
+    )
