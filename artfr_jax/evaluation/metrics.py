@@ -60,3 +60,16 @@ def ssim(x: jax.Array, y: jax.Array, *, data_range: float = 255.0, crop_border: 
 
 def _crop(x, border):
     return x[:, border:-border, border:-border] if border else x
+
+
+def angle_degrees(a, b) -> np.ndarray:
+    """Identity distance "Deg." (VQFR Sec. 6.1, GFPGAN): arccos of the cosine similarity, in degrees.
+
+    a, b: [B, D] embeddings of restored and GT faces (any scale; they are normalised here).
+    """
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    cos = np.sum(a * b, -1) / np.maximum(
+        np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12
+    )
+    return np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))

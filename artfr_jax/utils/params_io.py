@@ -27,8 +27,8 @@ def load_params_file(
     """
     if not path:
         raise ValueError(
-            f"{user} needs a weights file ({filename}) but none was given; convert torchvision's "
-            f"VGG16 weights with: {hint('')}"
+            f"{user} needs a weights file ({filename}) but none was given; create it with: "
+            f"{hint('')}"
         )
     p = epath.Path(path)
     if not p.exists():
