@@ -4,7 +4,7 @@
         [--steps=8] [--temperature=0] [--batch_size=8] [--seed=0] \\
         [--side_by_side|--noside_by_side] [--overwrite]
 
-Flags use underscores (``--batch_size``; absl does not accept ``--batch-size``).
+Flags may be spelt with underscores or dashes (``--batch_size`` or ``--batch-size``).
 
 * Inputs should be aligned face crops (FFHQ-style); there is no face detection. Every image is
   centre-cropped to a square (non-square inputs lose their borders) and resized to the model's
@@ -38,7 +38,7 @@ import struct
 import sys
 import time
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from typing import Protocol
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -51,6 +51,8 @@ from PIL import Image, ImageFile, UnidentifiedImageError  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from artfr_jax.data import sources  # noqa: E402
+from artfr_jax.utils import cli as cli_lib  # noqa: E402
+from artfr_jax.utils import files as files_lib  # noqa: E402
 from artfr_jax.utils import images as images_lib  # noqa: E402
 
 SIDE_BY_SIDE_DIR = "side_by_side"
@@ -239,23 +241,6 @@ def _write_png(img: np.ndarray, path: str) -> None:
 # ----------------------------------------------------------------------------- restoring
 
 
-def _read_ahead(
-    pool: concurrent.futures.Executor, fn: Callable, items: Iterable, window: int
-) -> Iterator[tuple[object, concurrent.futures.Future]]:
-    """Yields ``(item, future of fn(item))`` in order, keeping ``window`` reads in flight."""
-    it = iter(items)
-    queue = collections.deque()
-    for item in it:
-        queue.append((item, pool.submit(fn, item)))
-        if len(queue) >= window:
-            break
-    while queue:
-        yield queue.popleft()
-        for item in it:
-            queue.append((item, pool.submit(fn, item)))
-            break
-
-
 def restore_paths(
     restorer: Restorer,
     paths: Sequence[str],
@@ -377,7 +362,7 @@ def restore_paths(
             group_paths.clear()
             group_imgs.clear()
 
-        for path, future in _read_ahead(pool, read_image, todo, window=2 * batch):
+        for path, future in files_lib.read_ahead(pool, read_image, todo, window=2 * batch):
             try:
                 img = future.result()
             except (ValueError, OSError, cv2.error) as e:
@@ -489,9 +474,9 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues | None = None) -> in
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's parser, but a bad flag is a one-line error with exit status 2."""
+    """absl's parser (also taking ``--batch-size``), a bad flag is a one-line error, exit status 2."""
     try:
-        return flags.FLAGS(argv)
+        return flags.FLAGS(cli_lib.underscore_flag_names(argv, flags.FLAGS))
     except flags.Error as e:
         print(f"error: {_first_line(e)} (see --helpshort)", file=sys.stderr)
         sys.exit(2)

@@ -119,7 +119,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.sampling = ml_collections.ConfigDict(
         dict(steps=8, temperature=0.0, choice_temperature=0.0, schedule="cosine")
     )
-    config.eval = ml_collections.ConfigDict(dict(num_images=64, batch_size=8))
+    # Validation images: config.data.eval_folder. LPIPS is reported at eval when lpips_weights
+    # (or loss.lpips_weights) names a converted file.
+    config.eval = ml_collections.ConfigDict(dict(num_images=64, batch_size=8, lpips_weights=""))
     # After training, restore this many held-out faces into samples/restored/ (0 = off).
     config.final_restore = ml_collections.ConfigDict(dict(num_images=0))
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, min_shard_size=2**14))

@@ -79,7 +79,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             ema_decay=0.0,
         )
     )
-    config.eval = ml_collections.ConfigDict(dict(num_images=64, batch_size=8))
+    # Validation images: config.data.eval_folder. LPIPS is reported at eval when lpips_weights
+    # (or loss.lpips_weights) names a converted file.
+    config.eval = ml_collections.ConfigDict(dict(num_images=64, batch_size=8, lpips_weights=""))
     # Parameters with at least min_shard_size elements are split on fsdp (largest divisible dim).
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, min_shard_size=2**14))
 

@@ -43,3 +43,4 @@ def test_identical_images_score_perfectly(pair):
     x, _ = pair
     np.testing.assert_allclose(np.asarray(metrics.ssim(x, x)), 1.0, atol=1e-5)
     assert np.all(np.asarray(metrics.psnr(x, x)) > 90)
+    assert np.all(np.isposinf(np.asarray(metrics.psnr(x, x, inf_if_identical=True))))

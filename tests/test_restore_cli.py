@@ -323,10 +323,14 @@ def test_command_exit_status(tmp_path):
     assert res.stdout.strip() == f"restored 1 of 2 images into {tmp_path / 'out'}; 1 failed"
     assert _read_png(tmp_path / "out" / "ok.png").shape == (16, 16, 3)
 
-    res = run(f"--output={tmp_path / 'out2'}", "--batch-size=3")
+    res = run(f"--output={tmp_path / 'out2'}", "--batch-size=3", "--no-side-by-side")
+    assert res.returncode == 1, res.stderr  # dashed spellings are the same flags
+    assert not (tmp_path / "out2" / "side_by_side").exists()
+
+    res = run(f"--output={tmp_path / 'out3'}", "--batch-sise=3")
     assert res.returncode == 2
-    assert res.stderr.startswith("error:") and "batch-size" in res.stderr
-    assert not (tmp_path / "out2").exists()
+    assert res.stderr.startswith("error:") and "batch-sise" in res.stderr
+    assert not (tmp_path / "out3").exists()
 
 
 def test_progress_lines_when_not_a_terminal(tmp_path, monkeypatch, caplog):

@@ -136,3 +136,35 @@ def test_learning_rate_schedules():
     opt.schedule = "linear"
     with pytest.raises(ValueError, match="config.optimizer.schedule"):
         vqgan_trainer.learning_rate_schedule(opt, 1e-3, total_steps=10)
+
+
+def test_validation_split_reports_lpips(tmp_path):
+    """A split from `evaluate --make_testset` as data.eval_folder: its LQ files are the eval
+    inputs, and LPIPS joins the eval metrics when eval.lpips_weights names a file."""
+    from flax import serialization
+
+    from artfr_jax import data as data_lib
+    from artfr_jax.evaluation import testset
+    from artfr_jax.losses import perceptual
+
+    config = tiny_config(eval_every=3)
+    size = config.data.image_size
+    testset.make_testset(str(tmp_path / "split"), synthetic=3, size=size, progress=False)
+    z = jnp.zeros((1, size, size, 3))
+    params = perceptual.LPIPS().init(jax.random.key(0), z, z)["params"]
+    (tmp_path / "lpips.msgpack").write_bytes(serialization.msgpack_serialize(params))
+    config.data.eval_folder = str(tmp_path / "split")
+    config.eval.lpips_weights = str(tmp_path / "lpips.msgpack")
+
+    batches = data_lib.make_eval_batches(config.data, num_images=8, batch_size=2, seed=0)
+    assert [len(b["lq"]) for b in batches] == [2, 1]  # all 3 pairs, in name order
+    lq_file = tmp_path / "split" / "lq" / "synthetic_00002.png"
+    import cv2
+
+    np.testing.assert_array_equal(
+        batches[1]["lq"][0], cv2.cvtColor(cv2.imread(str(lq_file)), cv2.COLOR_BGR2RGB)
+    )
+
+    result = vqgan_trainer.train_and_evaluate(config, str(tmp_path / "w"))
+    assert {"psnr", "ssim", "lpips"} <= set(result) and np.isfinite(result["lpips"])
+    assert any("eval/lpips" in r for r in _jsonl(str(tmp_path / "w")))

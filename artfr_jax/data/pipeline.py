@@ -10,6 +10,7 @@ pipeline seed and the record's global index, so a seed fixes every batch regardl
 from __future__ import annotations
 
 import logging
+import os
 
 import cv2
 import grain
@@ -32,7 +33,10 @@ def default_config(image_size: int = 512, preset: str = "artfr") -> ml_collectio
     c = ml_collections.ConfigDict()
     c.source = "synthetic"  # synthetic | folder | tfds
     c.folder = ""  # root directory (recursive) for source='folder'
-    c.eval_folder = ""  # '' = hold out the last `eval_holdout` images of the train source
+    # Validation images: a folder of HQ faces (degraded here with a fixed seed), or a split made by
+    # `python -m artfr_jax.evaluate --make_testset` (its gt/ and lq/ pairs are used as they are).
+    # '' = hold out the last `eval_holdout` images of the train source.
+    c.eval_folder = ""
     c.eval_holdout = 500  # held-out count for folder/tfds when no separate eval split is given
     c.tfds_name = ""
     c.tfds_split = "train"
@@ -102,15 +106,15 @@ def eval_source(cfg: ml_collections.ConfigDict):
     """The held-out HQ source: eval folder / eval split, or the train source's held-out tail."""
     size = int(cfg.image_size)
     kind = _check_source(cfg)
+    if cfg.eval_folder:  # a validation folder works with any training source
+        return sources.FolderSource(
+            sources.list_images(cfg.eval_folder, "data.eval_folder"), size, name=cfg.eval_folder
+        )
     if kind == "synthetic":
         return sources.SyntheticSource(
             10**8, size, seed=cfg.synthetic_seed, offset=SYNTHETIC_EVAL_OFFSET
         )
     if kind == "folder":
-        if cfg.eval_folder:
-            return sources.FolderSource(
-                sources.list_images(cfg.eval_folder, "data.eval_folder"), size, name=cfg.eval_folder
-            )
         paths = sources.list_images(cfg.folder, "data.folder")
         keep = _held_out(len(paths), int(cfg.eval_holdout), f"data.folder {cfg.folder!r}")
         if keep == len(paths):
@@ -222,6 +226,12 @@ def make_eval_batches(
     """Deterministic held-out ``{'hq', 'lq'}`` uint8 batches; the last one may be smaller."""
     if num_images <= 0 or batch_size <= 0:
         raise ValueError(f"num_images={num_images} and batch_size={batch_size} must be > 0")
+    if data_config.eval_folder and is_test_split(data_config.eval_folder):
+        hq, lq = _read_test_split(data_config.eval_folder, int(data_config.image_size), num_images)
+        return [
+            {"hq": np.stack(hq[s : s + batch_size]), "lq": np.stack(lq[s : s + batch_size])}
+            for s in range(0, len(hq), batch_size)
+        ]
     src = eval_source(data_config)
     if num_images > len(src):
         _log.warning(
@@ -238,3 +248,27 @@ def make_eval_batches(
     for s in range(0, num_images, batch_size):
         out.append({"hq": np.stack(hq[s : s + batch_size]), "lq": np.stack(lq[s : s + batch_size])})
     return out
+
+
+def is_test_split(folder: str) -> bool:
+    """A folder with ``gt/`` and ``lq/`` subfolders (as written by ``evaluate --make_testset``)."""
+    return os.path.isdir(os.path.join(folder, "gt")) and os.path.isdir(os.path.join(folder, "lq"))
+
+
+def _read_test_split(folder: str, size: int, num_images: int) -> tuple[list, list]:
+    """The first ``num_images`` (gt, lq) pairs of a test split, paired by stem, at ``size``."""
+    gts = sources.list_images(os.path.join(folder, "gt"), "data.eval_folder gt/")
+    lqs = {
+        os.path.splitext(os.path.relpath(p, os.path.join(folder, "lq")))[0]: p
+        for p in sources.list_images(os.path.join(folder, "lq"), "data.eval_folder lq/")
+    }
+    if num_images > len(gts):
+        _log.warning("eval split %s has %d pairs; using all of them", folder, len(gts))
+    hq, lq = [], []
+    for path in gts[:num_images]:
+        key = os.path.splitext(os.path.relpath(path, os.path.join(folder, "gt")))[0]
+        if key not in lqs:
+            raise ValueError(f"data.eval_folder {folder!r}: {path} has no lq/{key}.* partner")
+        hq.append(sources.center_crop_resize(sources.load_image(path), size))
+        lq.append(sources.center_crop_resize(sources.load_image(lqs[key]), size))
+    return hq, lq

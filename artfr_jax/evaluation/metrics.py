@@ -14,11 +14,21 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def psnr(x: jax.Array, y: jax.Array, *, data_range: float = 255.0, crop_border: int = 0):
+def psnr(
+    x: jax.Array,
+    y: jax.Array,
+    *,
+    data_range: float = 255.0,
+    crop_border: int = 0,
+    inf_if_identical: bool = False,
+):
     """Per-image PSNR in dB. x, y: [B, H, W, C] in [0, data_range]."""
     x, y = _crop(x, crop_border), _crop(y, crop_border)
     mse = jnp.mean((x.astype(jnp.float32) - y.astype(jnp.float32)) ** 2, axis=(1, 2, 3))
-    return 10.0 * jnp.log10(data_range**2 / jnp.maximum(mse, 1e-10))
+    db = 10.0 * jnp.log10(data_range**2 / jnp.maximum(mse, 1e-10))
+    # BasicSR's calculate_psnr and scikit-image give +inf for identical images; the training loop
+    # keeps the finite cap (100 dB) because it multiplies metrics by a padding mask.
+    return jnp.where(mse > 0, db, jnp.inf) if inf_if_identical else db
 
 
 def _gaussian_window(size: int = 11, sigma: float = 1.5) -> np.ndarray:

@@ -317,8 +317,9 @@ def restore_images(art_params, tok_params, lq, rng, *, art, tokenizer, sampling)
 
 
 def eval_step(state, batch, frozen, *, config, art, tokenizer):
-    """Restores the held-out LQ faces; PSNR/SSIM of input and output against HQ, token accuracy
-    of the decoded tokens and of the plain lookup. Rows: LQ | restored | HQ."""
+    """Restores the held-out LQ faces; PSNR/SSIM (and LPIPS when its weights are loaded) of input
+    and output against HQ, token accuracy of the decoded tokens and of the plain lookup.
+    Rows: LQ | restored | HQ."""
     params = state.ema_params["art"] if state.ema_params is not None else state.params["art"]
     tok = frozen["tokenizer"]
     hq = loop.to_float_image(batch["hq"])
@@ -337,6 +338,7 @@ def eval_step(state, batch, frozen, *, config, art, tokenizer):
         "lookup_acc": jnp.mean(
             (nearest_tokens(tokenizer, tok, f_l) == targets).astype(jnp.float32), axis=1
         ),
+        **loop.eval_lpips(frozen, restored, batch["hq"]),
     }
     mask = batch["mask"]
     sums = {k: jnp.sum(v * mask) for k, v in per_image.items()}
@@ -368,7 +370,7 @@ def make_stage(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
         ),
         eval_step=functools.partial(eval_step, config=config, art=art, tokenizer=tokenizer),
         **loop.stage_data(config),
-        frozen={"tokenizer": tok_params},
+        frozen={"tokenizer": tok_params, **loop.eval_lpips_params(config, {})},
     )
 
 

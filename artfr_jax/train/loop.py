@@ -101,6 +101,37 @@ def stage_data(config: ml_collections.ConfigDict) -> dict:
     )
 
 
+def eval_lpips_params(config: ml_collections.ConfigDict, frozen: dict) -> dict:
+    """``{'eval_lpips': params}`` for eval-time LPIPS, or ``{}``.
+
+    The file is ``config.eval.lpips_weights``, else the perceptual loss's ``loss.lpips_weights``
+    (then the loss's already loaded ``frozen['lpips']`` is reused rather than loaded twice).
+    """
+    path = config.eval.get("lpips_weights", "")
+    if not path:
+        if "lpips" in frozen:
+            return {}
+        loss = config.get("loss")
+        path = loss.get("lpips_weights", "") if loss is not None else ""
+    if not path:
+        return {}
+    from artfr_jax.losses import perceptual  # noqa: PLC0415
+
+    return {"eval_lpips": perceptual.load_lpips_params(path)}
+
+
+def eval_lpips(frozen: dict, x_u8: jax.Array, y_u8: jax.Array) -> dict:
+    """``{'lpips': [B]}`` between uint8 images when eval LPIPS weights are loaded, else ``{}``."""
+    params = frozen.get("eval_lpips", frozen.get("lpips"))
+    if params is None:
+        return {}
+    from artfr_jax.losses import perceptual  # noqa: PLC0415
+
+    x = x_u8.astype(jnp.float32) / 127.5 - 1.0
+    y = y_u8.astype(jnp.float32) / 127.5 - 1.0
+    return {"lpips": perceptual.lpips_distance(params, x, y)}
+
+
 def _pad_to_multiple(batch: dict, multiple: int) -> dict:
     n = len(next(iter(batch.values())))
     pad = (-n) % multiple

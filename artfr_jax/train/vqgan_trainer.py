@@ -184,8 +184,8 @@ def train_step(state, batch, rng, frozen, *, config, vqgan, disc, lpips, tx):
 
 
 def eval_step(state, batch, frozen, *, vqgan):
-    """Reconstruction metrics summed over the (masked) batch, and input | reconstruction rows."""
-    del frozen
+    """Reconstruction metrics (L1, PSNR, SSIM, LPIPS when its weights are loaded) summed over the
+    (masked) batch, and input | reconstruction rows."""
     params = (
         state.ema_params["generator"] if state.ema_params is not None else state.params["generator"]
     )
@@ -199,6 +199,7 @@ def eval_step(state, batch, frozen, *, vqgan):
         "l1": jnp.mean(jnp.abs(jnp.clip(recon, -1, 1) - hq), axis=(1, 2, 3)),
         "psnr": metrics_lib.psnr(r255, x255),
         "ssim": metrics_lib.ssim(r255, x255),
+        **loop.eval_lpips(frozen, recon_u8, batch["hq"]),
     }
     sums = {k: jnp.sum(v * mask) for k, v in per_image.items()}
     sums["count"] = jnp.sum(mask)
@@ -209,6 +210,7 @@ def eval_step(state, batch, frozen, *, vqgan):
 def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
     vqgan, disc = make_models(config)
     frozen, lpips = load_frozen(config)
+    frozen.update(loop.eval_lpips_params(config, frozen))
     tx = make_optimizer(config)
     return loop.Stage(
         name="vqgan",

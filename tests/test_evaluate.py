@@ -1,0 +1,278 @@
+"""The evaluate command: pairing, metric values against independent references, reports, test sets."""
+
+import json
+import os
+import subprocess
+import sys
+
+import cv2
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl import flags
+from flax import serialization
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from artfr_jax import evaluate
+from artfr_jax.evaluation import niqe as niqe_lib
+from artfr_jax.evaluation import pairs, report, suite, testset
+from artfr_jax.losses import perceptual
+from artfr_jax.utils import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _save(path, img):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    assert cv2.imwrite(str(path), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+
+
+def _read(path):
+    return cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+
+
+def _noisy(img, std, seed):
+    rng = np.random.default_rng(seed)
+    return np.clip(img + rng.normal(0, std, img.shape), 0, 255).astype(np.uint8)
+
+
+def _run(argv):
+    fv = flags.FlagValues()
+    evaluate.define_flags(fv)
+    fv(cli.underscore_flag_names(["evaluate", "--noprogress", *argv], fv))
+    return evaluate.main(["evaluate"], fv)
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory):
+    root = tmp_path_factory.mktemp("split")
+    assert _run(["--make_testset", "--synthetic=5", "--size=48", f"--out={root}"]) == 0
+    return root
+
+
+def test_make_testset_is_reproducible_and_per_image(split, tmp_path):
+    meta = json.loads((split / "testset.json").read_text())
+    assert meta["num_images"] == 5 and meta["preset"] == "vqfr" and meta["size"] == 48
+    assert set(meta["images"]) == {f"synthetic_{i:05d}" for i in range(5)}
+    # Fewer images, same seed: the shared images are byte-identical (rng keyed by stem).
+    assert _run(["--make-testset", "--synthetic=3", "--size=48", f"--out={tmp_path}"]) == 0
+    for i in range(3):
+        name = f"synthetic_{i:05d}.png"
+        np.testing.assert_array_equal(_read(tmp_path / "lq" / name), _read(split / "lq" / name))
+        np.testing.assert_array_equal(_read(tmp_path / "gt" / name), _read(split / "gt" / name))
+    lq, gt = (
+        _read(split / "lq" / "synthetic_00000.png"),
+        _read(split / "gt" / "synthetic_00000.png"),
+    )
+    assert lq.shape == gt.shape == (48, 48, 3) and not np.array_equal(lq, gt)
+    # A different seed gives a different degradation.
+    assert (
+        _run(["--make_testset", "--synthetic=1", "--size=48", "--seed=1", f"--out={tmp_path}/s1"])
+        == 0
+    )
+    assert not np.array_equal(_read(tmp_path / "s1" / "lq" / "synthetic_00000.png"), lq)
+
+
+def test_make_testset_from_folder_reports_bad_files_and_protects_inputs(split, tmp_path, capsys):
+    gt = tmp_path / "faces"
+    for name in ("a.png", "b.jpg"):
+        _save(gt / name, _read(split / "gt" / "synthetic_00001.png"))
+    (gt / "broken.png").write_bytes(b"not an image")
+    before = {p.name: p.read_bytes() for p in gt.iterdir()}
+    out = tmp_path / "split"
+    assert (
+        _run(["--make_testset", f"--gt={gt}", "--size=32", "--preset=artfr", f"--out={out}"]) == 1
+    )
+    assert sorted(os.listdir(out / "lq")) == ["a.png", "b.png"]
+    meta = json.loads((out / "testset.json").read_text())
+    assert (
+        list(meta["failed"]) == ["broken"] and "not a decodable image" in meta["failed"]["broken"]
+    )
+    assert {p.name: p.read_bytes() for p in gt.iterdir()} == before
+    # No silent rebuild over an existing split, and never inside the GT folder.
+    assert _run(["--make_testset", f"--gt={gt}", "--size=32", f"--out={out}"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert _run(["--make_testset", f"--gt={gt}", "--size=32", f"--out={gt}/sub"]) == 2
+    assert "inside --gt" in capsys.readouterr().err
+    assert _run(["--make_testset", "--size=32", f"--out={tmp_path}/x"]) == 2
+
+
+def test_pair_by_stem():
+    p = pairs.pair_by_stem(
+        ["r/a.png", "r/b.png", "r/c.png", "r/d.png", "r/d.jpg"], ["g/a.jpg", "g/b.png", "g/e.png"]
+    )
+    assert p.pairs == [("r/a.png", "g/a.jpg"), ("r/b.png", "g/b.png")]
+    assert p.unpaired == ["r/c.png"] and p.missing == ["g/e.png"] and p.ambiguous == ["d"]
+    assert len(p.problems()) == 3
+
+
+def test_psnr_ssim_match_scikit_image_and_rows(split, tmp_path):
+    gt_dir = split / "gt"
+    rows = {}
+    for std in (5, 20):
+        folder = tmp_path / f"noise{std}"
+        rows[folder.name] = []
+        for i, name in enumerate(sorted(os.listdir(gt_dir))):
+            img = _noisy(_read(gt_dir / name), std, i)
+            _save(folder / name, img)
+            rows[folder.name].append((img, _read(gt_dir / name)))
+    out = tmp_path / "rep"
+    argv = [f"--restored={tmp_path}/noise5", f"--restored={tmp_path}/noise20", f"--gt={gt_dir}"]
+    assert _run([*argv, "--metrics=psnr,ssim", f"--out={out}", "--batch_size=2"]) == 0
+    rep = json.loads((tmp_path / "rep.json").read_text())
+    assert [r["name"] for r in rep["rows"]] == ["noise5", "noise20"]
+    for r in rep["rows"]:
+        ref = rows[r["name"]]
+        psnr = np.mean([peak_signal_noise_ratio(g, x, data_range=255) for x, g in ref])
+        ssim = np.mean(
+            [
+                structural_similarity(
+                    g,
+                    x,
+                    gaussian_weights=True,
+                    sigma=1.5,
+                    use_sample_covariance=False,
+                    data_range=255,
+                    channel_axis=-1,
+                )
+                for x, g in ref
+            ]
+        )
+        assert r["values"]["psnr"] == pytest.approx(psnr, abs=1e-3)
+        assert r["values"]["ssim"] == pytest.approx(ssim, abs=1e-4)
+        assert r["num_scored"] == 5 and not r["failed"]
+    assert rep["rows"][0]["values"]["psnr"] > rep["rows"][1]["values"]["psnr"] + 5
+    md = (tmp_path / "rep.md").read_text()
+    assert "| Method | PSNR↑ | SSIM↑ |" in md and "| noise5 | " in md
+    # The report is not replaced silently.
+    assert _run([*argv, "--metrics=psnr", f"--out={out}.json"]) == 2
+    assert _run([*argv, "--metrics=psnr", f"--out={out}.json", "--overwrite"]) == 0
+
+
+def test_pairing_problems_and_bad_files_are_reported(split, tmp_path):
+    restored = tmp_path / "restored"
+    names = sorted(os.listdir(split / "gt"))
+    for name in names[:3]:
+        _save(restored / name, _read(split / "lq" / name))
+    _save(restored / "stranger.png", _read(split / "lq" / names[0]))  # no GT
+    _save(restored / names[3], np.zeros((20, 20, 3), np.uint8))  # wrong size
+    (restored / names[4]).write_bytes(b"\x89PNG broken")
+    (restored / "notes.txt").write_text("not an image")
+    os.makedirs(restored / "side_by_side")  # the restore command's subfolder is not read
+    out = tmp_path / "rep"
+    rc = _run([f"--restored={restored}", f"--gt={split}/gt", "--metrics=psnr", f"--out={out}"])
+    assert rc == 1
+    row = json.loads((tmp_path / "rep.json").read_text())["rows"][0]
+    assert row["num_pairs"] == 5 and row["num_scored"] == 3
+    assert [os.path.basename(p) for p in row["unpaired"]] == ["stranger.png"]
+    failed = {os.path.basename(k): v for k, v in row["failed"].items()}
+    assert "20x20 but its GT" in failed[names[3]]
+    assert names[4] in failed
+    expected = np.mean(
+        [
+            peak_signal_noise_ratio(
+                _read(split / "gt" / n), _read(split / "lq" / n), data_range=255
+            )
+            for n in names[:3]
+        ]
+    )
+    assert row["values"]["psnr"] == pytest.approx(expected, abs=1e-3)
+
+
+def test_skips_have_reasons_and_no_reference_metrics_run_without_gt(tmp_path):
+    rng = np.random.default_rng(0)
+    faces = [
+        cv2.resize(_read_synthetic(i), (192, 192), interpolation=cv2.INTER_CUBIC) for i in range(2)
+    ]
+    for i, img in enumerate(faces):
+        _save(tmp_path / "r" / f"{i}.png", _noisy(img, 3, int(rng.integers(100))))
+    out = tmp_path / "rep"
+    argv = [f"--restored={tmp_path}/r", f"--out={out}", f"--weights_dir={tmp_path}/none"]
+    assert _run([*argv, "--metrics=niqe,psnr,lpips,fid"]) == 0
+    rep = json.loads((tmp_path / "rep.json").read_text())
+    assert set(rep["skipped"]) == {"psnr", "lpips", "fid"}
+    assert "needs --gt" in rep["skipped"]["psnr"] and "lpips_vgg.msgpack" in rep["skipped"]["lpips"]
+    assert "reference" in rep["skipped"]["fid"] or "inception" in rep["skipped"]["fid"]
+    expected = np.mean([niqe_lib.niqe(_read(tmp_path / "r" / f"{i}.png")) for i in range(2)])
+    assert rep["rows"][0]["values"]["niqe"] == pytest.approx(expected, rel=1e-9)
+    md = (tmp_path / "rep.md").read_text()
+    assert "| Method | FID↓ | NIQE↓ | LPIPS↓ | PSNR↑ |" in md and "- **lpips**: " in md
+
+
+def _read_synthetic(i):
+    from artfr_jax.data.synthetic import render_face
+
+    return render_face(i, 64)
+
+
+def test_lpips_from_weights_dir_equals_direct_call(split, tmp_path):
+    z = jnp.zeros((1, 48, 48, 3))
+    params = perceptual.LPIPS().init(jax.random.key(3), z, z)["params"]
+    # Random init gives zero-ish heads; make them positive so distances are informative.
+    params = jax.tree.map(lambda x: x, params)
+    for k in [k for k in params if k.startswith("lin")]:
+        params[k]["kernel"] = jnp.abs(
+            jax.random.normal(jax.random.key(7), params[k]["kernel"].shape)
+        )
+    wdir = tmp_path / "w"
+    wdir.mkdir()
+    (wdir / suite.LPIPS_FILE).write_bytes(serialization.msgpack_serialize(jax.device_get(params)))
+    out = tmp_path / "rep"
+    argv = [f"--restored={split}/lq", f"--gt={split}/gt", f"--weights_dir={wdir}", f"--out={out}"]
+    assert _run([*argv, "--metrics=lpips", "--batch_size=3"]) == 0
+    got = json.loads((tmp_path / "rep.json").read_text())["rows"][0]
+    names = sorted(os.listdir(split / "gt"))
+    r = np.stack([_read(split / "lq" / n) for n in names]).astype(np.float32) / 127.5 - 1
+    g = np.stack([_read(split / "gt" / n) for n in names]).astype(np.float32) / 127.5 - 1
+    want = np.asarray(perceptual.lpips_distance(params, r, g))
+    assert got["values"]["lpips"] == pytest.approx(float(want.mean()), rel=1e-5)
+    per = [got["per_image"][os.path.splitext(n)[0]]["lpips"] for n in names]
+    np.testing.assert_allclose(per, want, rtol=1e-5)
+
+
+def test_report_paths_and_markdown_layout():
+    assert report.report_paths("a/rep") == ("a/rep.json", "a/rep.md")
+    assert report.report_paths("a/rep.md") == ("a/rep.json", "a/rep.md")
+    md = report.markdown(
+        {
+            "metrics": ["psnr", "fid", "lmd", "deg"],
+            "skipped": {"fid": "why"},
+            "conventions": {},
+            "rows": [
+                {
+                    "name": "x",
+                    "values": {"psnr": 21.8123, "deg": 57.5, "lmd": 4.681},
+                    "restored": "/r",
+                    "gt": "/g",
+                    "num_scored": 1,
+                    "num_pairs": 1,
+                    "notes": [],
+                }
+            ],
+        }
+    )
+    assert "| Method | FID↓ | Deg↓ | LMD↓ | PSNR↑ |" in md  # Table 1 (a) order
+    assert "| x | – | 57.50 | 4.68 | 21.81 |" in md
+
+
+def test_testset_rng_depends_on_seed_and_name():
+    a = testset.image_rng(0, "x").random()
+    assert a == testset.image_rng(0, "x").random()
+    assert a != testset.image_rng(1, "x").random() and a != testset.image_rng(0, "y").random()
+
+
+def test_command_line_usage_errors(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+
+    def run(*args):
+        cmd = [sys.executable, "-m", "artfr_jax.evaluate", *args]
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+    res = run(f"--restored={tmp_path}/nope", f"--out={tmp_path}/r")
+    assert res.returncode == 2 and "does not exist" in res.stderr
+    res = run(f"--restored={tmp_path}", "--metrics=psnr,bogus", f"--out={tmp_path}/r")
+    assert res.returncode == 2 and "bogus" in res.stderr
+    res = run("--make-testset", "--synthetic=2", "--size=16", f"--out={tmp_path}/t", "--noprogress")
+    assert res.returncode == 0, res.stderr
+    assert "wrote 2 GT/LQ pairs" in res.stderr
