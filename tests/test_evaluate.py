@@ -15,6 +15,7 @@ from flax import serialization
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from artfr_jax import evaluate
+from artfr_jax.evaluation import metrics as metrics_lib
 from artfr_jax.evaluation import niqe as niqe_lib
 from artfr_jax.evaluation import pairs, report, suite, testset
 from artfr_jax.losses import perceptual
@@ -276,3 +277,45 @@ def test_command_line_usage_errors(tmp_path):
     res = run("--make-testset", "--synthetic=2", "--size=16", f"--out={tmp_path}/t", "--noprogress")
     assert res.returncode == 0, res.stderr
     assert "wrote 2 GT/LQ pairs" in res.stderr
+
+
+def test_deg_uses_arcface_weights_when_present_else_dlib(split, tmp_path):
+    from artfr_jax.evaluation import arcface, dlib_face
+
+    module = arcface.arcface_module("resnet18")
+    variables = module.init(jax.random.key(0), jnp.zeros((1, *arcface.input_shape("resnet18"))))
+    variables = jax.tree.map(
+        lambda x: x + 0.01 * jnp.cos(jnp.arange(x.size).reshape(x.shape)), variables
+    )
+    wdir = tmp_path / "w"
+    wdir.mkdir()
+    converted = arcface.ARCFACE_FILES["resnet18"].converted
+    (wdir / converted).write_bytes(serialization.msgpack_serialize(jax.device_get(variables)))
+    argv = [f"--restored={split}/lq", f"--gt={split}/gt", "--metrics=deg,lmd"]
+    assert _run([*argv, f"--weights_dir={wdir}", f"--out={tmp_path}/a"]) == 0
+    rep = json.loads((tmp_path / "a.json").read_text())
+    assert "ArcFace ResNet-18" in rep["conventions"]["deg"]
+    names = sorted(os.listdir(split / "gt"))
+    r = np.stack([_read(split / "lq" / n) for n in names])
+    g = np.stack([_read(split / "gt" / n) for n in names])
+    embed = arcface.ArcFaceEmbedder(
+        "resnet18", arcface.load_arcface_params("resnet18", str(wdir / converted))
+    )
+    want = metrics_lib.angle_degrees(embed(r), embed(g))
+    got = [rep["rows"][0]["per_image"][os.path.splitext(n)[0]]["deg"] for n in names]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    # LMD: dlib landmarks on the GT's box, in 512-px units.
+    boxes, _ = dlib_face.detect_boxes(g)
+    marks = dlib_face.DlibLandmarks()
+    lmd = dlib_face.landmark_distance(marks(r, boxes), marks(g, boxes), g.shape[1])
+    assert rep["rows"][0]["values"]["lmd"] == pytest.approx(float(np.mean(lmd)), rel=1e-6)
+
+    # Without ArcFace weights the offline dlib descriptor is used, and the report names it.
+    assert _run([*argv, f"--out={tmp_path}/b"]) == 0
+    rep = json.loads((tmp_path / "b.json").read_text())
+    assert "dlib ResNet face descriptor" in rep["conventions"]["deg"]
+    assert rep["rows"][0]["values"]["deg"] > 0
+    # Asking for an ArcFace model whose file is absent is a skip with the converter command.
+    assert _run([*argv, "--deg_embedder=arcface_iresnet100", f"--out={tmp_path}/c"]) == 0
+    rep = json.loads((tmp_path / "c.json").read_text())
+    assert "python -m artfr_jax.convert.arcface --arch=iresnet100" in rep["skipped"]["deg"]

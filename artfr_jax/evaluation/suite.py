@@ -182,19 +182,28 @@ def _deg(opts: Options) -> BatchMetric:
             continue
         from artfr_jax.evaluation import arcface
 
-        filename = arcface.ARCFACE_FILES[arch]["converted"]
+        files = arcface.ARCFACE_FILES[arch]
+        command = arcface.CONVERT_COMMAND.format(
+            arch=arch, input=files.checkpoint, output=files.converted
+        )
         try:
-            path = _weights_file(opts, filename, arcface.convert_command(arch))
+            path = _weights_file(opts, files.converted, command)
         except Skip as e:
             reasons.append(str(e))
             continue
         embed = arcface.ArcFaceEmbedder(
             arch, arcface.load_arcface_params(arch, path), batch_size=opts.batch_size
         )
+        crop = (
+            "; the whole face crop is resized to 112x112 (insightface models expect their own "
+            "5-point alignment, so this is an approximation)"
+            if arch.startswith("iresnet")
+            else "; VQFR's calculate_cos_dist.py protocol"
+        )
         return BatchMetric(
             "deg",
             f"Deg.: angle (degrees) between identity embeddings of restored and GT; "
-            f"embedder: {embed.name} ({path})",
+            f"embedder: {embed.name} ({path}){crop}",
             lambda r, g, c, embed=embed: metrics_lib.angle_degrees(embed(r), embed(g)),
         )
     if choice in ("auto", "dlib"):
@@ -428,6 +437,15 @@ def evaluate_folder(
         )
     if failed:
         notes.append(f"{len(failed)} unreadable or mismatched file(s) left out")
+    if "deg" in values:
+        angles = np.array([v["deg"] for v in per_image.values() if "deg" in v])
+        near = int(np.sum(angles < 1.0))
+        if near:  # VQFR's calculate_cos_dist.py leaves these out of its mean
+            kept = angles[angles >= 1.0]
+            mean = f"{kept.mean():.2f}" if kept.size else "undefined"
+            notes.append(
+                f"deg: {near} pair(s) under 1 degree; VQFR's script leaves them out: {mean}"
+            )
     if fid_setup is not None:
         try:
             values["fid"], n = folder_fid(restored, fid_setup, opts)
