@@ -193,8 +193,9 @@ def test_skips_have_reasons_and_no_reference_metrics_run_without_gt(tmp_path):
     assert _run([*argv, "--metrics=niqe,psnr,lpips,fid"]) == 0
     rep = json.loads((tmp_path / "rep.json").read_text())
     assert set(rep["skipped"]) == {"psnr", "lpips", "fid"}
-    assert "needs --gt" in rep["skipped"]["psnr"] and "lpips_vgg.msgpack" in rep["skipped"]["lpips"]
-    assert "reference" in rep["skipped"]["fid"] or "inception" in rep["skipped"]["fid"]
+    assert "needs --gt" in rep["skipped"]["psnr"] and "needs --gt" in rep["skipped"]["lpips"]
+    assert "inception_fid.msgpack" in rep["skipped"]["fid"]
+    assert "python -m artfr_jax.convert.fid_inception" in rep["skipped"]["fid"]
     expected = np.mean([niqe_lib.niqe(_read(tmp_path / "r" / f"{i}.png")) for i in range(2)])
     assert rep["rows"][0]["values"]["niqe"] == pytest.approx(expected, rel=1e-9)
     md = (tmp_path / "rep.md").read_text()
@@ -319,3 +320,39 @@ def test_deg_uses_arcface_weights_when_present_else_dlib(split, tmp_path):
     assert _run([*argv, "--deg_embedder=arcface_iresnet100", f"--out={tmp_path}/c"]) == 0
     rep = json.loads((tmp_path / "c.json").read_text())
     assert "python -m artfr_jax.convert.arcface --arch=iresnet100" in rep["skipped"]["deg"]
+
+
+@pytest.mark.slow  # about a minute: Inception at 299 px on CPU
+def test_fid_against_gt_or_a_statistics_file(split, tmp_path):
+    from artfr_jax.evaluation import fid, inception
+
+    params = inception.FIDInceptionV3().init(jax.random.key(0), jnp.zeros((1, 75, 75, 3)))
+    wdir = tmp_path / "w"
+    wdir.mkdir()
+    (wdir / inception.CONVERTED_FILE).write_bytes(
+        serialization.msgpack_serialize(jax.device_get(params["params"]))
+    )
+    cache = tmp_path / "cache"
+    base = [f"--restored={split}/lq", "--metrics=fid", f"--weights_dir={wdir}"]
+    base.append(f"--fid_cache_dir={cache}")
+    assert _run([*base, f"--gt={split}/gt", f"--out={tmp_path}/a"]) == 0
+    rep = json.loads((tmp_path / "a.json").read_text())
+    assert "the test set's GT (--gt)" in rep["conventions"]["fid"]
+
+    extractor = fid.InceptionExtractor(params["params"], batch_size=4)
+    feats = {
+        k: extractor(np.stack([_read(p) for p in sorted((split / k).iterdir())]))
+        for k in ("lq", "gt")
+    }
+    mu_r, s_r = fid.feature_statistics(feats["lq"])
+    mu_g, s_g = fid.feature_statistics(feats["gt"])
+    want = fid.frechet_distance(mu_r, s_r, mu_g, s_g)
+    assert rep["rows"][0]["values"]["fid"] == pytest.approx(want, rel=1e-4)
+    assert len(list(cache.iterdir())) == 2  # GT and restored folder statistics cached
+
+    # A statistics file as the reference (e.g. all of FFHQ), no GT needed.
+    fid.save_statistics(tmp_path / "ref.npz", mu_g, s_g)
+    assert _run([*base, f"--fid_ref={tmp_path}/ref.npz", f"--out={tmp_path}/b"]) == 0
+    rep = json.loads((tmp_path / "b.json").read_text())
+    assert f"statistics file {tmp_path}/ref.npz" in rep["conventions"]["fid"]
+    assert rep["rows"][0]["values"]["fid"] == pytest.approx(want, rel=1e-4)
