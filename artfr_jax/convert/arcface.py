@@ -23,10 +23,10 @@ import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from etils import epath
-from flax import serialization, traverse_util
+from flax import traverse_util
 
 from artfr_jax.evaluation.arcface import ARCFACE_ARCHS, arcface_variable_shapes
+from artfr_jax.utils import params_io
 
 _LEAF = {
     ("params", "kernel"): "weight",
@@ -170,9 +170,7 @@ def read_checkpoint(path: str) -> dict[str, np.ndarray]:
 def convert_file(arch: str, input_path: str, output_path: str) -> dict:
     """Reads ``input_path``, converts it for ``arch`` and writes ``output_path``. Returns the tree."""
     variables = convert_arcface(arch, read_checkpoint(input_path), source=input_path)
-    out = epath.Path(output_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(serialization.msgpack_serialize(variables))
+    params_io.save_params_file(output_path, variables)
     return variables
 
 

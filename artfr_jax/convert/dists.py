@@ -19,11 +19,10 @@ import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from etils import epath
-from flax import serialization
 
 from artfr_jax.convert.lpips_vgg import convert_vgg_features, read_torch_state_dict
 from artfr_jax.losses.dists import DISTS_CHANNELS
+from artfr_jax.utils import params_io
 
 
 def convert_alpha_beta(
@@ -81,9 +80,7 @@ def convert_files(vgg16_path: str, output_path: str, weights_path: str | None = 
         vgg16_source=vgg16_path,
         weights_source=weights_path,
     )
-    out = epath.Path(output_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(serialization.msgpack_serialize(params))
+    params_io.save_params_file(output_path, params)
     return params
 
 

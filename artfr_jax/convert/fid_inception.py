@@ -19,8 +19,7 @@ import argparse
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from etils import epath
-from flax import serialization, traverse_util
+from flax import traverse_util
 
 from artfr_jax.convert.lpips_vgg import read_torch_state_dict
 from artfr_jax.evaluation.inception import (
@@ -28,6 +27,7 @@ from artfr_jax.evaluation.inception import (
     FID_WEIGHTS_FILENAME,
     inception_param_shapes,
 )
+from artfr_jax.utils import params_io
 
 # flax leaf name -> torch suffix under the same module path.
 _LEAVES = {
@@ -96,9 +96,7 @@ def convert_inception(state_dict: Mapping[str, np.ndarray], *, source: str = "st
 def convert_file(input_path: str, output_path: str) -> dict:
     """Reads the ``.pth``, converts it and writes the msgpack file. Returns the params."""
     params = convert_inception(read_torch_state_dict(input_path), source=input_path)
-    out = epath.Path(output_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(serialization.msgpack_serialize(params))
+    params_io.save_params_file(output_path, params)
     return params
 
 

@@ -18,10 +18,9 @@ import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from etils import epath
-from flax import serialization
 
 from artfr_jax.models.vgg import VGG16_BLOCKS, VGG_WIDTHS, vgg_layers
+from artfr_jax.utils import params_io
 
 LPIPS_CHANNELS: tuple[int, ...] = (64, 128, 256, 512, 512)
 
@@ -142,9 +141,7 @@ def convert_files(vgg16_path: str, output_path: str, heads_path: str | None = No
         vgg16_source=vgg16_path,
         heads_source=heads_path,
     )
-    out = epath.Path(output_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(serialization.msgpack_serialize(params))
+    params_io.save_params_file(output_path, params)
     return params
 
 

@@ -57,3 +57,16 @@ def load_params_file(
             f"recreate it with: {hint(str(path))}"
         )
     return traverse_util.unflatten_dict({k: np.asarray(v, np.float32) for k, v in flat.items()})
+
+
+def save_params_file(path: str, tree) -> int:
+    """Writes a converter's params tree as flax msgpack (atomically, parent folders created).
+
+    Returns the number of array elements, for the converter's summary line.
+    """
+    out = epath.Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / (out.name + ".tmp")
+    tmp.write_bytes(serialization.msgpack_serialize(tree))
+    tmp.rename(out)
+    return sum(int(np.size(v)) for v in traverse_util.flatten_dict(tree).values())
