@@ -109,11 +109,6 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_boolean("progress", True, "Show progress bars.", flag_values=fv)
 
 
-def _usage_error(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 2
-
-
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -131,13 +126,13 @@ def _row_names(folders: Sequence[str], names: Sequence[str]) -> list[str]:
 
 def run_evaluation(fv) -> int:
     if not fv.restored:
-        return _usage_error("--restored is required (a folder of restored images)")
+        return cli_lib.usage_error("--restored is required (a folder of restored images)")
     if not fv.out:
-        return _usage_error("--out is required (the report path; .json and .md are written)")
+        return cli_lib.usage_error("--out is required (the report path; .json and .md are written)")
     requested = [m.strip().lower() for m in fv.metrics if m.strip()]
     unknown = [m for m in requested if m not in suite.METRICS]
     if unknown:
-        return _usage_error(
+        return cli_lib.usage_error(
             f"--metrics: unknown {unknown} (expected some of {','.join(suite.METRICS)})"
         )
     try:
@@ -147,10 +142,10 @@ def run_evaluation(fv) -> int:
         if fv.gt:
             suite.pairs_lib.list_image_files(fv.gt, "--gt")
     except ValueError as e:
-        return _usage_error(str(e))
+        return cli_lib.usage_error(str(e))
     existing = [p for p in report_lib.report_paths(fv.out) if os.path.exists(p)]
     if existing and not fv.overwrite:
-        return _usage_error(f"{existing[0]} exists; pass --overwrite to replace the report")
+        return cli_lib.usage_error(f"{existing[0]} exists; pass --overwrite to replace the report")
 
     opts = suite.Options(
         weights_dir=fv.weights_dir,
@@ -199,11 +194,13 @@ def run_evaluation(fv) -> int:
 def main(argv: Sequence[str], flag_values: flags.FlagValues | None = None) -> int:
     fv = flags.FLAGS if flag_values is None else flag_values
     if len(argv) > 1:
-        return _usage_error(f"unexpected arguments {list(argv[1:])}; all options are --flags")
+        return cli_lib.usage_error(
+            f"unexpected arguments {list(argv[1:])}; all options are --flags"
+        )
     if not fv.make_testset:
         return run_evaluation(fv)
     if not fv.out:
-        return _usage_error("--out is required (the folder for gt/, lq/ and testset.json)")
+        return cli_lib.usage_error("--out is required (the folder for gt/, lq/ and testset.json)")
     try:
         meta = testset.make_testset(
             fv.out,
@@ -217,22 +214,14 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues | None = None) -> in
             log=_log,
         )
     except ValueError as e:
-        return _usage_error(str(e))
+        return cli_lib.usage_error(str(e))
     return 1 if meta["failed"] else 0
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-    try:
-        return flags.FLAGS(cli_lib.underscore_flag_names(argv, flags.FLAGS))
-    except flags.Error as e:
-        print(f"error: {str(e).splitlines()[0]} (see --helpshort)", file=sys.stderr)
-        sys.exit(2)
 
 
 def cli(argv: list[str] | None = None) -> None:
     """``python -m artfr_jax.evaluate``."""
     define_flags()
-    app.run(main, argv=argv, flags_parser=_parse_flags)
+    app.run(main, argv=argv, flags_parser=cli_lib.parse_flags)
 
 
 if __name__ == "__main__":

@@ -440,26 +440,23 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.mark_flags_as_required(["workdir", "input", "output"], flag_values=fv)
 
 
-def _usage_error(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 2
-
-
 def main(argv: Sequence[str], flag_values: flags.FlagValues | None = None) -> int:
     """Runs the command on parsed flags (``flags.FLAGS`` unless given); returns the exit status."""
     fv = flags.FLAGS if flag_values is None else flag_values
     if len(argv) > 1:
-        return _usage_error(f"unexpected arguments {list(argv[1:])}; all options are --flags")
+        return cli_lib.usage_error(
+            f"unexpected arguments {list(argv[1:])}; all options are --flags"
+        )
     try:
         paths = list_inputs(fv.input)
         check_output_dir(fv.input, fv.output, side_by_side=fv.side_by_side)
     except ValueError as e:
-        return _usage_error(str(e))
+        return cli_lib.usage_error(str(e))
     logging.info("%d candidate file(s) in %s", len(paths), fv.input)
     try:
         restorer = _load_restorer(fv.workdir, steps=fv.steps, temperature=fv.temperature)
     except (FileNotFoundError, ValueError) as e:
-        return _usage_error(f"--workdir {fv.workdir!r}: {_first_line(e)}")
+        return cli_lib.usage_error(f"--workdir {fv.workdir!r}: {_first_line(e)}")
     report = restore_paths(
         restorer,
         paths,
@@ -473,21 +470,12 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues | None = None) -> in
     return 1 if report.failed else 0
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's parser (also taking ``--batch-size``), a bad flag is a one-line error, exit status 2."""
-    try:
-        return flags.FLAGS(cli_lib.underscore_flag_names(argv, flags.FLAGS))
-    except flags.Error as e:
-        print(f"error: {_first_line(e)} (see --helpshort)", file=sys.stderr)
-        sys.exit(2)
-
-
 def cli(argv: list[str] | None = None) -> None:
     """``python -m artfr_jax.restore``: defines the flags on ``flags.FLAGS`` and runs :func:`main`."""
     define_flags()
     # OpenCV's own warning for a broken file would duplicate the one-line report.
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
-    app.run(main, argv=argv, flags_parser=_parse_flags)
+    app.run(main, argv=argv, flags_parser=cli_lib.parse_flags)
 
 
 if __name__ == "__main__":

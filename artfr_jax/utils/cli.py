@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 from absl import flags
@@ -26,3 +27,20 @@ def underscore_flag_names(argv: Sequence[str], flag_values: flags.FlagValues) ->
         known = cand in flag_values or (cand.startswith("no") and cand[2:] in flag_values)
         out.append(f"--{cand}{sep}{value}" if known else arg)
     return out
+
+
+def usage_error(message: str) -> int:
+    """Prints ``error: <message>`` on stderr; returns exit status 2 (usage error)."""
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's ``flags.FLAGS(argv)`` that also takes dashed names; a bad flag is a one-line error
+    and exit status 2 (pass as ``app.run(..., flags_parser=parse_flags)``)."""
+    try:
+        return flags.FLAGS(underscore_flag_names(argv, flags.FLAGS))
+    except flags.Error as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: {first} (see --helpshort)", file=sys.stderr)
+        sys.exit(2)
