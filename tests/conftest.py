@@ -11,6 +11,8 @@ Two things must happen before anything else imports jax or torchvision:
 
 import os
 
+import pytest
+
 os.environ.setdefault("XLA_FLAGS", "")
 if "--xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
@@ -25,3 +27,23 @@ jax.config.update("jax_platforms", "cpu")
 from tests import torch_compat  # noqa: E402
 
 torch_compat.register_torchvision_schemas()
+
+
+def _fail_skips(report) -> None:
+    """With ``ARTFR_FAIL_ON_SKIP=1`` (set by ``.ci/run``) a skip is a failure: parity tests may
+    skip where a reference package cannot be installed, but never in CI."""
+    if report.skipped and os.environ.get("ARTFR_FAIL_ON_SKIP") == "1":
+        report.outcome = "failed"
+        report.longrepr = f"skipped, but ARTFR_FAIL_ON_SKIP=1: {report.longrepr}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _fail_skips(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    _fail_skips(outcome.get_result())
