@@ -27,13 +27,15 @@ class TrainState:
 
     ``params`` is a dict of named parameter trees (e.g. ``{'generator': ..., 'discriminator': ...}``);
     one optax transform (usually an ``optax.multi_transform``) updates all of them.
-    ``ema_params`` is ``None`` when EMA is off.
+    ``ema_params`` is ``None`` when EMA is off; ``extras`` is ``None`` unless a stage keeps other
+    state (it is checkpointed with the rest and left alone by ``apply_gradients``).
     """
 
     step: jax.Array
     params: PyTree
     opt_state: PyTree
     ema_params: PyTree = None
+    extras: PyTree = None  # non-trained state a stage carries (e.g. a k-means reservoir)
 
     def apply_gradients(self, grads, tx: optax.GradientTransformation, ema_decay: float = 0.0):
         updates, opt_state = tx.update(grads, self.opt_state, self.params)
@@ -56,17 +58,23 @@ def create_train_state(
     *,
     ema_keys: tuple[str, ...] = (),
     min_shard_size: int = 2**14,
+    init_extras: Callable[[], PyTree] | None = None,
 ) -> tuple[TrainState, PyTree]:
     """Returns (state, state_shardings) with every leaf created on its devices.
 
-    ``ema_keys`` names the entries of ``params`` that get an EMA copy (empty: no EMA).
+    ``ema_keys`` names the entries of ``params`` that get an EMA copy (empty: no EMA);
+    ``init_extras()`` builds ``state.extras``.
     """
 
     def init(rng):
         params = init_params(rng)
         ema = jax.tree.map(jnp.copy, ema_subset(params, ema_keys)) if ema_keys else None
         return TrainState(
-            step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), ema_params=ema
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=tx.init(params),
+            ema_params=ema,
+            extras=init_extras() if init_extras is not None else None,
         )
 
     abstract = jax.eval_shape(init, rng)
