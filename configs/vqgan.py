@@ -6,7 +6,8 @@ Paper values by default: 512 px, f=32 (16x16 tokens), codebook 1024 x 256, batch
     python -m artfr_jax.main --config=configs/vqgan.py --workdir=runs/vqgan \
         --config.loss.lpips_weights=weights/lpips_vgg.msgpack
 
-Variants (``--config=configs/vqgan.py:smoke``):
+Variants (``--config=configs/vqgan.py:smoke``; ``vqfr``, ``vqfr_smoke``, ``vqfr_tiny``: VQFR's
+codebook model, see :func:`vqfr_config`):
   smoke  CPU check: 64 px, narrow 3-level model (f=4) with l2-normalised codes, 500 steps, no
          GAN term, perceptual term only if ``loss.lpips_weights`` is given.
   tiny   the tests' config: 32 px, two levels, 6 steps, one device.
@@ -140,6 +141,116 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.loss.adversarial_start = 2
         config.eval.update(num_images=6, batch_size=4)
         config.mesh.update(data=1, fsdp=1, min_shard_size=256)
+    elif arg in ("vqfr", "vqfr_smoke", "vqfr_tiny"):
+        return vqfr_config(arg)
     elif arg not in (None, ""):
-        raise ValueError(f"configs/vqgan.py: unknown variant {arg!r} (expected: smoke, tiny)")
+        raise ValueError(
+            f"configs/vqgan.py: unknown variant {arg!r} (expected: smoke, tiny, vqfr, vqfr_smoke, "
+            "vqfr_tiny)"
+        )
+    return config
+
+
+def vqfr_config(arg: str) -> ml_collections.ConfigDict:
+    """VQFR's codebook model (VQFR Sec. 3.1, 4.1; the release's train_vqgan_v1_B16_800K):
+    512 px, f = 32, 1024 x 256 codebook, batch 16, Adam 1e-4 (0.9, 0.96) halved at 500k and 650k,
+    800k steps; L1 + LPIPS + SWAGAN global discriminator (softplus, R1 = 10 every 16 steps) from
+    step 50k; no quantisation before step 10k; k-means re-estimation every 2k steps until 30k from
+    a 16384-vector reservoir. ``vqfr_smoke`` / ``vqfr_tiny`` shrink it for CPU and tests."""
+    config = get_config()
+    config.batch_size = 16
+    config.num_train_steps = 800_000
+    config.model = ml_collections.ConfigDict(
+        dict(
+            arch="vqfr_v1",
+            base_channels=128,
+            channel_multipliers=(1, 1, 2, 2, 2, 4),
+            resolution_scale_rates=(1, 2, 2, 2, 2, 2),
+            encoder_num_blocks=2,
+            decoder_num_blocks=3,
+            num_embeddings=1024,
+            embedding_dim=256,
+            beta=0.25,
+            norm_groups=32,
+        )
+    )
+    config.discriminator = ml_collections.ConfigDict(
+        dict(arch="swagan", out_size=512, channel_multiplier=2)
+    )
+    config.loss.update(
+        pixel_loss="l1",
+        adversarial_weight=1.0,
+        adaptive_adversarial_weight=False,
+        adversarial_start=50_000,
+        generator_loss="non_saturating",
+        disc_loss="softplus",
+        r1_weight=10.0,
+        r1_every=16,
+    )
+    config.codebook = ml_collections.ConfigDict(
+        dict(
+            kmeans=True,
+            reservoir_size=16384,
+            every=2000,
+            max_steps=30_000,
+            warmup_steps=10_000,
+            iters=30,
+        )
+    )
+    config.optimizer.update(
+        learning_rate=1e-4,
+        disc_learning_rate=1e-4,
+        b1=0.9,
+        b2=0.96,
+        schedule="multistep",
+        milestones=(500_000, 650_000),
+        decay_factor=0.5,
+    )
+    if arg == "vqfr_smoke":  # 64 px on CPU: two levels of f = 2 each, narrow
+        config.data = data_lib.default_config(image_size=64, preset="none")
+        config.batch_size = 8
+        config.num_train_steps = 300
+        config.log_every = 25
+        config.eval_every = 100
+        config.checkpoint_every = 100
+        config.model.update(
+            base_channels=32,
+            channel_multipliers=(1, 2, 2),
+            resolution_scale_rates=(1, 2, 2),
+            encoder_num_blocks=1,
+            decoder_num_blocks=1,
+            num_embeddings=128,
+            embedding_dim=32,
+            norm_groups=8,
+        )
+        config.discriminator.update(out_size=64, channel_multiplier=1, max_channels=64)
+        config.loss.update(perceptual="if_available", adversarial_start=200)
+        config.codebook.update(reservoir_size=2048, every=50, max_steps=200, warmup_steps=50)
+        config.optimizer.update(learning_rate=1e-3, disc_learning_rate=1e-4, milestones=(250,))
+        config.eval.update(num_images=16, batch_size=8)
+    elif arg == "vqfr_tiny":  # tests
+        config.data = data_lib.default_config(image_size=32, preset="none")
+        config.data.num_workers = 0
+        config.batch_size = 8
+        config.num_train_steps = 6
+        config.log_every = 2
+        config.eval_every = 3
+        config.checkpoint_every = 2
+        config.async_checkpointing = False
+        config.model.update(
+            base_channels=8,
+            channel_multipliers=(1, 2),
+            resolution_scale_rates=(1, 2),
+            encoder_num_blocks=1,
+            decoder_num_blocks=1,
+            num_embeddings=16,
+            embedding_dim=8,
+            norm_groups=4,
+        )
+        config.discriminator.update(out_size=32, channel_multiplier=1, max_channels=16)
+        config.loss.update(perceptual="if_available", adversarial_start=2)
+        config.codebook.update(reservoir_size=256, every=2, max_steps=5, warmup_steps=1, iters=5)
+        config.optimizer.update(milestones=(4,))
+        config.eval.update(num_images=6, batch_size=4)
+        config.mesh.update(data=1, fsdp=1, min_shard_size=256)
     return config

@@ -1,7 +1,11 @@
-"""Stage I: the VQGAN tokenizer on HQ faces (ART-FR Sec. 3.1, Eq. 3-4).
+"""Stage I: the VQ codebook model on HQ faces (ART-FR Sec. 3.1, Eq. 3-4; VQFR Sec. 3.1, 4.1).
 
-L = L_2(I_h, I_rec) + L_P(I_h, I_rec) + lambda_G * L_G + L_vq, with lambda_G = 0.8 after
-``loss.adversarial_start`` and a PatchGAN discriminator trained with the hinge loss by its own Adam.
+ART-FR (default): L = L_2(I_h, I_rec) + L_P(I_h, I_rec) + lambda_G * L_G + L_vq, with lambda_G = 0.8
+after ``loss.adversarial_start`` and a PatchGAN discriminator trained with the hinge loss by its own
+Adam. VQFR's codebook (``model.arch='vqfr_v1'``, ``configs/vqgan.py:vqfr``) swaps in its own
+encoder/decoder, an L1 pixel loss, the SWAGAN global discriminator with the softplus loss and lazy
+R1, no quantisation during a warm-up, and k-means re-estimation of the codebook from a reservoir of
+encoder outputs (``config.codebook``, :mod:`artfr_jax.train.kmeans`).
 """
 
 from __future__ import annotations
@@ -16,15 +20,97 @@ import optax
 from artfr_jax.evaluation import metrics as metrics_lib
 from artfr_jax.losses import adversarial, perceptual
 from artfr_jax.models.discriminators import PatchDiscriminator
+from artfr_jax.models.stylegan_disc import SWADiscriminator
+from artfr_jax.models.vqfr import VQGANv1
 from artfr_jax.models.vqgan import VQGAN
-from artfr_jax.train import loop
+from artfr_jax.train import kmeans, loop
 from artfr_jax.train import state as state_lib
+
+GENERATORS = {"taming": VQGAN, "vqfr_v1": VQGANv1}
+DISCRIMINATORS = {"patchgan": PatchDiscriminator, "swagan": SWADiscriminator}
+
+
+def _fields(section: dict) -> tuple[str, dict]:
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in section.items()}
+    return fields.pop("arch", None), fields
+
+
+def make_generator(model: dict):
+    """The codebook model named by ``model['arch']`` ('taming' when absent) with the other fields."""
+    arch, fields = _fields(model)
+    arch = arch or "taming"
+    if arch not in GENERATORS:
+        raise ValueError(f"config.model.arch={arch!r}: expected one of {sorted(GENERATORS)}")
+    return GENERATORS[arch](**fields)
+
+
+def make_discriminator(section: dict):
+    arch, fields = _fields(section)
+    arch = arch or "patchgan"
+    if arch not in DISCRIMINATORS:
+        raise ValueError(
+            f"config.discriminator.arch={arch!r}: expected one of {sorted(DISCRIMINATORS)}"
+        )
+    return DISCRIMINATORS[arch](**fields)
 
 
 def make_models(config: ml_collections.ConfigDict):
-    vqgan = VQGAN(**config.model.to_dict())
-    disc = PatchDiscriminator(**config.discriminator.to_dict())
-    return vqgan, disc
+    return make_generator(config.model.to_dict()), make_discriminator(
+        config.discriminator.to_dict()
+    )
+
+
+def disc_apply(disc, d_params, extras, x, *, update_stats: bool):
+    """Discriminator logits; for the spectral-norm SWAGAN also the advanced power-iteration state
+    (``extras['spectral']``). Returns ``(logits, new_spectral or None)``."""
+    if isinstance(disc, SWADiscriminator):
+        variables = {"params": d_params, "spectral": extras["spectral"]}
+        if update_stats:
+            logits, upd = disc.apply(variables, x, update_stats=True, mutable=["spectral"])
+            return logits, upd["spectral"]
+        return disc.apply(variables, x), extras["spectral"]
+    return disc.apply({"params": d_params}, x), None
+
+
+def discriminator_update(disc, d_params, extras, real, fake, step, lc):
+    """``(d_loss, d_grads, new_spectral, terms)`` of one discriminator update on detached ``fake``.
+
+    ``loss.disc_loss``: 'hinge' (taming: 0.5 (relu(1-real) + relu(1+fake))) or 'softplus'
+    (StyleGAN2/VQFR: softplus(-real) + softplus(fake)). With ``loss.r1_weight > 0`` the lazy R1
+    penalty ``r1_weight / 2 * R1 * r1_every`` is added on steps divisible by ``r1_every``.
+    """
+
+    def loss_fn(p):
+        real_logits, spec = disc_apply(disc, p, extras, real, update_stats=True)
+        fake_logits, spec = disc_apply(disc, p, {"spectral": spec}, fake, update_stats=True)
+        if lc.get("disc_loss", "hinge") == "softplus":
+            loss = adversarial.softplus_d_loss(real_logits, fake_logits)
+        else:
+            loss = adversarial.hinge_d_loss(real_logits, fake_logits)
+        return loss, (spec, jnp.mean(real_logits), jnp.mean(fake_logits))
+
+    (loss, (spec, real_score, fake_score)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        d_params
+    )
+    terms = {"d_real_score": real_score, "d_fake_score": fake_score}
+    r1_weight = lc.get("r1_weight", 0.0)
+    if r1_weight > 0:
+        every = int(lc.get("r1_every", 16))
+
+        def r1_loss(p):
+            d = lambda x: disc_apply(disc, p, {"spectral": spec}, x, update_stats=False)[0]  # noqa: E731
+            return r1_weight / 2 * adversarial.r1_penalty(d, real) * every
+
+        def with_r1(_):
+            return jax.value_and_grad(r1_loss)(d_params)
+
+        def without(_):
+            return jnp.float32(0.0), jax.tree.map(jnp.zeros_like, d_params)
+
+        r1, r1_grads = jax.lax.cond(step % every == 0, with_r1, without, None)
+        grads = jax.tree.map(jnp.add, grads, r1_grads)
+        terms["d_r1"] = r1
+    return loss, grads, spec, terms
 
 
 def load_frozen(config: ml_collections.ConfigDict) -> tuple[dict, perceptual.LPIPS | None]:
@@ -53,16 +139,23 @@ def load_frozen(config: ml_collections.ConfigDict) -> tuple[dict, perceptual.LPI
 
 
 def learning_rate_schedule(opt: ml_collections.ConfigDict, peak: float, total_steps: int):
-    """'constant' (paper stage I) or 'cosine' from ``peak`` to ``end_learning_rate``, both after a
-    linear warm-up of ``warmup_steps``."""
+    """'constant' (paper stage I), 'cosine' from ``peak`` to ``end_learning_rate``, or 'multistep'
+    (times ``decay_factor`` at each of ``milestones``), all after a linear warm-up of
+    ``warmup_steps``."""
     if opt.schedule == "constant":
         main = optax.constant_schedule(peak)
     elif opt.schedule == "cosine":
         decay = max(total_steps - opt.warmup_steps, 1)
         main = optax.cosine_decay_schedule(peak, decay, alpha=opt.end_learning_rate / peak)
+    elif opt.schedule == "multistep":  # BasicSR's MultiStepLR (VQFR)
+        factor = float(opt.get("decay_factor", 0.5))
+        main = optax.piecewise_constant_schedule(
+            peak, {int(m) - opt.warmup_steps: factor for m in opt.milestones}
+        )
     else:
         raise ValueError(
-            f"config.optimizer.schedule={opt.schedule!r}: expected 'constant' or 'cosine'"
+            f"config.optimizer.schedule={opt.schedule!r}: expected 'constant', 'cosine' or "
+            "'multistep'"
         )
     if not opt.warmup_steps:
         return main
@@ -98,8 +191,27 @@ def init_state(rng, mesh, *, config, vqgan, disc, tx):
 
     ema_keys = ("generator",) if config.optimizer.ema_decay > 0 else ()
     return state_lib.create_train_state(
-        init_params, tx, rng, mesh, ema_keys=ema_keys, min_shard_size=config.mesh.min_shard_size
+        init_params,
+        tx,
+        rng,
+        mesh,
+        ema_keys=ema_keys,
+        min_shard_size=config.mesh.min_shard_size,
+        init_extras=functools.partial(init_extras, config=config, vqgan=vqgan, disc=disc),
     )
+
+
+def init_extras(*, config, vqgan, disc):
+    """Non-trained state: the k-means reservoir and the SWAGAN's spectral-norm vectors."""
+    extras = {}
+    cb = config.get("codebook")
+    if cb is not None and cb.kmeans:
+        extras["reservoir"] = kmeans.reservoir_init(cb.reservoir_size, vqgan.embedding_dim)
+    if isinstance(disc, SWADiscriminator):
+        size = config.data.image_size
+        x = jnp.zeros((2, size, size, 3), jnp.float32)
+        extras["spectral"] = disc.init(jax.random.key(1), x)["spectral"]
+    return extras or None
 
 
 def train_step(state, batch, rng, frozen, *, config, vqgan, disc, lpips, tx):
@@ -112,22 +224,28 @@ def train_step(state, batch, rng, frozen, *, config, vqgan, disc, lpips, tx):
     lambda = lambda_G * ||grad_L nll|| / (||grad_L L_G|| + 1e-4), L = the decoder's last conv kernel.
     Only that kernel's share of the two extra VJPs is used, so XLA keeps just the last layer of them.
     """
-    del rng  # stage I is deterministic given the batch
     lc = config.loss
     hq = loop.to_float_image(batch["hq"])
     gate = adversarial.adversarial_weight(state.step, lc.adversarial_start, 1.0)
     use_adv = lc.adversarial_weight > 0
     d_params = state.params["discriminator"]
+    extras = state.extras or {}
+    cb = config.get("codebook")
+    kw = {}
+    if cb is not None and cb.kmeans:  # VQFR: the quantiser is the identity while it warms up
+        kw["skip_quantization"] = state.step < cb.warmup_steps
 
     def forward(g_params):
-        recon, aux = vqgan.apply({"params": g_params}, hq, train=True)
+        recon, aux = vqgan.apply({"params": g_params}, hq, train=True, **kw)
         return (recon, aux["vq_loss"]), aux
 
     (recon, vq_loss), vjp_fn, aux = jax.vjp(forward, state.params["generator"], has_aux=True)
 
     def reconstruction_loss(recon):
-        terms = {"l2": jnp.mean((recon - hq) ** 2)}
-        loss = lc.pixel_weight * terms["l2"]
+        kind = lc.get("pixel_loss", "l2")
+        err = jnp.abs(recon - hq) if kind == "l1" else jnp.square(recon - hq)
+        terms = {kind: jnp.mean(err)}
+        loss = lc.pixel_weight * terms[kind]
         if lpips is not None:
             terms["lpips"] = jnp.mean(lpips.apply({"params": frozen["lpips"]}, recon, hq))
             loss = loss + lc.perceptual_weight * terms["lpips"]
@@ -138,7 +256,7 @@ def train_step(state, batch, rng, frozen, *, config, vqgan, disc, lpips, tx):
     if use_adv:
 
         def adv_loss(recon):
-            logits = disc.apply({"params": d_params}, recon)
+            logits, _ = disc_apply(disc, d_params, extras, recon, update_stats=False)
             return adversarial.generator_adv_loss(logits, kind=lc.generator_loss)
 
         g_adv, g_recon_adv = jax.value_and_grad(adv_loss)(recon)
@@ -157,18 +275,27 @@ def train_step(state, batch, rng, frozen, *, config, vqgan, disc, lpips, tx):
     g_grads = vjp_fn((g_recon, jnp.ones_like(vq_loss)))[0]
     terms.update(vq_loss=vq_loss, perplexity=aux["perplexity"], usage=aux["usage"])
 
-    def discriminator_loss(d_params):
-        real = disc.apply({"params": d_params}, hq)
-        fake = disc.apply({"params": d_params}, jax.lax.stop_gradient(recon))
-        return adversarial.hinge_d_loss(real, fake) * gate
-
+    new_extras = dict(extras)
     if use_adv:
-        d_loss, d_grads = jax.value_and_grad(discriminator_loss)(d_params)
-        terms["d_loss"] = d_loss
+        d_loss, d_grads, spec, d_terms = discriminator_update(
+            disc, d_params, extras, hq, jax.lax.stop_gradient(recon), state.step, lc
+        )
+        d_grads = jax.tree.map(lambda g: g * gate, d_grads)  # nothing before adversarial_start
+        terms.update(d_loss=d_loss * gate, **d_terms)
+        if spec is not None:
+            new_extras["spectral"] = jax.tree.map(
+                lambda new, old: jnp.where(gate > 0, new, old), spec, extras["spectral"]
+            )
     else:
         d_grads = jax.tree.map(jnp.zeros_like, d_params)
     grads = {"generator": g_grads, "discriminator": d_grads}
     new_state = state.apply_gradients(grads, tx, config.optimizer.ema_decay)
+    if "reservoir" in extras:
+        new_state, terms["kmeans_reestimated"] = _reestimate_codebook(
+            new_state, new_extras, aux["features"], rng, cb
+        )
+    elif extras:
+        new_state = new_state.replace(extras=new_extras)
     metrics = {
         "loss": loss,
         **terms,
@@ -181,6 +308,31 @@ def train_step(state, batch, rng, frozen, *, config, vqgan, disc, lpips, tx):
     if use_adv:
         metrics["d_grad_norm"] = optax.global_norm(d_grads)
     return new_state, metrics
+
+
+def _reestimate_codebook(state, extras, features, rng, cb):
+    """Adds this batch's encoder outputs to the reservoir and, when due, replaces the codebook
+    with their k-means centres (VQFR Sec. 4.1). Returns (state, 1.0 if re-estimated else 0.0)."""
+    add_key, km_key = jax.random.split(rng)
+    res = extras["reservoir"]
+    in_window = (state.step <= cb.max_steps) if cb.max_steps >= 0 else True
+    added = kmeans.reservoir_add(res, jax.lax.stop_gradient(features), add_key)
+    res = jax.tree.map(lambda a, b: jnp.where(in_window, a, b), added, res)
+    q = state.params["generator"]["quantizer"]
+    # The update that just happened is step ``state.step``; the release re-estimates at
+    # iterations divisible by ``every`` (its iteration counter starts at 1).
+    codebook, res, did = kmeans.maybe_reestimate(
+        q["embedding"],
+        res,
+        state.step,
+        km_key,
+        every=cb.every,
+        max_steps=cb.max_steps,
+        iters=cb.iters,
+    )
+    params = dict(state.params)
+    params["generator"] = {**params["generator"], "quantizer": {**q, "embedding": codebook}}
+    return state.replace(params=params, extras={**extras, "reservoir": res}), did
 
 
 def eval_step(state, batch, frozen, *, vqgan):
