@@ -46,6 +46,7 @@ def test_kmeans_recovers_separated_clusters_and_matches_sklearn_inertia():
     assert np.all(d.min(axis=1) < 0.2) and len(set(d.argmin(axis=1))) == 6
 
     from sklearn import cluster  # the official code calls sklearn.cluster.k_means
+
     ref, *_ = cluster.k_means(x, 6, random_state=0, n_init=1)
 
     def inertia(c):
