@@ -23,6 +23,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 TRAINERS = {
     "vqgan": "artfr_jax.train.vqgan_trainer",
     "art": "artfr_jax.train.art_trainer",
+    "vqfr": "artfr_jax.train.vqfr_trainer",
 }
 
 

@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from flax import linen as nn
 
 from artfr_jax import data as data_lib
 from artfr_jax.evaluation import metrics as metrics_lib
@@ -82,9 +83,9 @@ def ensure_stage1(config: ml_collections.ConfigDict, workdir: str) -> str:
     return directory
 
 
-def tokenizer_from_model_config(model: dict) -> VQGAN:
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in model.items()}
-    return VQGAN(**fields)
+def tokenizer_from_model_config(model: dict):
+    """The stage-I model of a (saved) ``config.model`` dict, whatever its ``arch``."""
+    return vqgan_trainer.make_generator(model)
 
 
 def _saved_config(directory: str, trainer: str, what: str) -> tuple[str, dict, str]:
@@ -100,12 +101,14 @@ def _saved_config(directory: str, trainer: str, what: str) -> tuple[str, dict, s
     return ckdir, saved, key
 
 
-def load_stage1(config: ml_collections.ConfigDict, directory: str) -> tuple[VQGAN, dict]:
+def load_stage1(config: ml_collections.ConfigDict, directory: str) -> tuple[nn.Module, dict]:
     """The frozen tokenizer and its params (EMA if stage I kept one), with consistency checks."""
     ckdir, saved, key = _saved_config(directory, "vqgan", "config.stage1.workdir")
     declared = config.stage1.config.model.to_dict()
     diffs = []
-    for k in _TOKENIZER_FIELDS:
+    arch = declared.get("arch", "taming")
+    fields = _TOKENIZER_FIELDS if arch == "taming" else ("arch", *sorted(declared))
+    for k in dict.fromkeys(fields):
         a, b = saved["model"].get(k), declared.get(k)
         norm = lambda v: list(v) if isinstance(v, tuple | list) else v
         if norm(a) != norm(b):

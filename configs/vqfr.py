@@ -1,0 +1,127 @@
+r"""VQFR stage II: restoration with a fixed HQ codebook and a parallel decoder (VQFR Sec. 3-4).
+
+Paper values by default (the release's train_vqfr_v1_B16_200K): 512 px, batch 16, degradation
+preset ``vqfr``, Adam 1e-5 with betas (0.5, 0.9) for the network and the four discriminators,
+200k steps; losses lambda_pix = lambda_code = lambda_per = 1, style weight 2000,
+lambda_global = lambda_local = 0.5; the texture branch's GAN terms from the start and the main
+branch's from step 5000. Stage I is VQFR's codebook model (``configs/vqgan.py:vqfr``), trained
+into ``<workdir>/stage1`` first when ``stage1.train_if_missing`` (the variants) or named by
+``stage1.workdir``:
+
+    python -m artfr_jax.main --config=configs/vqgan.py:vqfr --workdir=runs/vqfr_codebook \
+        --config.loss.lpips_weights=weights/lpips_vgg.msgpack
+    python -m artfr_jax.main --config=configs/vqfr.py --workdir=runs/vqfr \
+        --config.stage1.workdir=runs/vqfr_codebook --config.loss.lpips_weights=weights/lpips_vgg.msgpack
+    python -m artfr_jax.restore --workdir=runs/vqfr --input=faces/ --output=restored/ [--texture]
+
+Variants: ``smoke`` (64 px, both stages on CPU; the perceptual/style terms only when
+``loss.lpips_weights`` is given), ``tiny`` (the tests').
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+from artfr_jax import data as data_lib
+
+
+def _stage1_config(variant: str) -> ml_collections.ConfigDict:
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vqgan.py")
+    spec = importlib.util.spec_from_file_location("artfr_configs_vqgan", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(variant)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    if arg not in (None, "", "paper", "smoke", "tiny"):
+        raise ValueError(f"configs/vqfr.py: unknown variant {arg!r} (expected: smoke, tiny)")
+    config = ml_collections.ConfigDict()
+    config.trainer = "vqfr"
+    config.seed = 0
+    config.distributed = False
+    config.init_from = ""
+    config.batch_size = 16
+    config.num_train_steps = 200_000
+    config.log_every = 100
+    config.eval_every = 5_000
+    config.checkpoint_every = 5_000
+    config.max_checkpoints_to_keep = 3
+    config.async_checkpointing = True
+    config.profile = False
+
+    config.data = data_lib.default_config(image_size=512, preset="vqfr")
+    config.stage1 = ml_collections.ConfigDict(
+        dict(workdir="", train_if_missing=False, config=_stage1_config("vqfr"))
+    )
+    # Fields of VQFRv1 beyond the stage-I model's (which it copies).
+    config.model = ml_collections.ConfigDict(dict(cond_channels=32, deformable_groups=4))
+    config.global_discriminator = ml_collections.ConfigDict(
+        dict(arch="swagan", out_size=512, channel_multiplier=2)
+    )
+    config.local_discriminator = ml_collections.ConfigDict(
+        dict(arch="patchgan", base_features=64, num_layers=3, norm="group")
+    )
+    config.loss = ml_collections.ConfigDict(
+        dict(
+            pixel_weight=1.0,  # L1 on the texture branch
+            main_pixel_weight=0.0,  # the release trains the main branch without a pixel loss
+            code_weight=1.0,
+            perceptual="required",  # 'required' | 'if_available' | 'off'
+            perceptual_weight=1.0,
+            style_weight=2000.0,
+            lpips_weights="",
+            global_weight=0.5,
+            local_weight=0.5,
+            gan_start=0,
+            main_gan_start=5_000,
+            r1_weight=10.0,
+            r1_every=16,
+        )
+    )
+    config.optimizer = ml_collections.ConfigDict(
+        dict(
+            learning_rate=1e-5,
+            disc_learning_rate=1e-5,
+            schedule="constant",
+            end_learning_rate=0.0,
+            warmup_steps=0,
+            b1=0.5,
+            b2=0.9,
+            eps=1e-8,
+            ema_decay=0.0,
+        )
+    )
+    config.eval = ml_collections.ConfigDict(dict(num_images=64, batch_size=8, lpips_weights=""))
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, min_shard_size=2**14))
+
+    if arg == "smoke":
+        config.stage1.update(train_if_missing=True, config=_stage1_config("vqfr_smoke"))
+        config.data = data_lib.default_config(image_size=64, preset="vqfr")
+        config.batch_size = 8
+        config.num_train_steps = 200
+        config.log_every = 20
+        config.eval_every = 100
+        config.checkpoint_every = 100
+        config.global_discriminator.update(out_size=64, channel_multiplier=1, max_channels=64)
+        config.local_discriminator.update(base_features=32, num_layers=2)
+        config.loss.update(perceptual="if_available", main_gan_start=100)
+        config.optimizer.update(learning_rate=5e-4, disc_learning_rate=1e-4)
+        config.eval.update(num_images=16, batch_size=8)
+    elif arg == "tiny":
+        config.stage1.update(train_if_missing=True, config=_stage1_config("vqfr_tiny"))
+        config.data = data_lib.default_config(image_size=32, preset="vqfr")
+        config.data.num_workers = 0
+        config.batch_size = 8
+        config.num_train_steps = 6
+        config.log_every = 2
+        config.eval_every = 3
+        config.checkpoint_every = 2
+        config.async_checkpointing = False
+        config.global_discriminator.update(out_size=32, channel_multiplier=1, max_channels=16)
+        config.local_discriminator.update(base_features=8, num_layers=2)
+        config.loss.update(perceptual="if_available", main_gan_start=3)
+        config.eval.update(num_images=6, batch_size=4)
+        config.mesh.update(data=1, fsdp=1, min_shard_size=256)
+    return config
