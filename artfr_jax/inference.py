@@ -1,8 +1,9 @@
-"""A trained ART-FR model as a function from LQ faces to restored faces.
+"""A trained model as a function from LQ faces to restored faces.
 
-``load_restorer(workdir)`` reads the stage-II checkpoint of ``workdir``, the frozen stage-I
-tokenizer it was trained with, and returns a :class:`Restorer` whose whole restoration (LQ encoder,
-T-step decoding, codebook lookup, HQ decoder) is one jitted function.
+``load_restorer(workdir)`` reads the stage-II checkpoint of ``workdir`` and returns a restorer whose
+whole restoration is one jitted function: for ART-FR (:class:`Restorer`) the LQ encoder, T-step
+decoding, codebook lookup and the frozen stage-I decoder; for VQFR (:class:`VQFRRestorer`) one
+forward pass of the network, returning its main branch (or the texture branch).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import numpy as np
 
 from artfr_jax.train import art_trainer, loop
 from artfr_jax.train import checkpoint as ckpt_lib
+
+METHODS = {"art": "ART-FR", "vqfr": "VQFR"}
 
 
 class Restorer:
@@ -47,28 +50,73 @@ class Restorer:
         return np.asarray(jax.device_get(out))
 
 
+class VQFRRestorer:
+    """VQFR (Sec. 3.2): ``restorer(lq uint8 [B, S, S, 3], rng) -> uint8 [B, S, S, 3]``, the main
+    branch, or the texture branch with ``branch='texture'``. ``rng`` is unused (one forward pass)."""
+
+    def __init__(self, *, vqfr, params, image_size, branch: str = "main"):
+        if branch not in ("main", "texture"):
+            raise ValueError(f"branch={branch!r}: expected 'main' or 'texture'")
+        self.image_size = int(image_size)
+        self.params = params
+        index = 0 if branch == "main" else 1
+
+        def run(params, lq_u8):
+            out = vqfr.apply({"params": params}, loop.to_float_image(lq_u8), method="restore")
+            return loop.to_uint8_image(out[index])
+
+        self._run = jax.jit(run)
+
+    def __call__(self, lq: np.ndarray, rng: jax.Array) -> np.ndarray:
+        del rng
+        lq = np.asarray(lq)
+        s = self.image_size
+        if lq.dtype != np.uint8 or lq.ndim != 4 or lq.shape[1:] != (s, s, 3):
+            raise ValueError(
+                f"VQFRRestorer: expected uint8 [B, {s}, {s}, 3], got {lq.dtype} {list(lq.shape)}"
+            )
+        return np.asarray(jax.device_get(self._run(self.params, lq)))
+
+
 def load_restorer(
     workdir: str,
     *,
+    method: str = "auto",
     steps: int | None = None,
     temperature: float | None = None,
     choice_temperature: float | None = None,
-) -> Restorer:
-    """The restorer of a stage-II workdir; ``None`` keeps the sampling setting it was trained with.
+    texture: bool = False,
+):
+    """The restorer of a stage-II workdir. ``method``: 'auto' (from the workdir's config), 'art'
+    or 'vqfr' (then the workdir must hold that method). ART-FR: ``None`` keeps the sampling
+    setting it was trained with. VQFR: ``texture`` returns the texture branch.
 
     Raises FileNotFoundError / ValueError with a one-line message when ``workdir`` has no stage-II
-    checkpoint or its stage-I tokenizer cannot be found.
+    checkpoint, holds another method, or its stage-I tokenizer cannot be found.
     """
     workdir = os.path.abspath(workdir)
     ckdir = ckpt_lib.checkpoint_dir(workdir)
     if ckpt_lib.latest_step(ckdir) is None:
         raise FileNotFoundError(f"{workdir}: no checkpoint (expected {ckdir}/<step>/)")
     saved = ckpt_lib.read_config(ckdir)
-    if saved.get("trainer") != "art":
+    trainer = saved.get("trainer")
+    if method not in ("auto", *METHODS):
+        raise ValueError(f"method={method!r}: expected 'auto', 'art' or 'vqfr'")
+    if trainer not in METHODS or (method != "auto" and method != trainer):
+        wanted = METHODS.get(method, "ART-FR or VQFR")
         raise ValueError(
-            f"{workdir}: a {saved.get('trainer')!r} checkpoint; restoration needs an ART-FR "
-            "stage-II workdir (trained with configs/art.py)"
+            f"{workdir}: a {trainer!r} checkpoint; restoration needs a {wanted} stage-II "
+            "workdir (trained with configs/art.py or configs/vqfr.py)"
         )
+    if trainer == "vqfr":
+        from artfr_jax.train import vqfr_trainer  # noqa: PLC0415
+
+        vqfr, params, size = vqfr_trainer.load_vqfr(workdir)
+        return VQFRRestorer(
+            vqfr=vqfr, params=params, image_size=size, branch="texture" if texture else "main"
+        )
+    if texture:
+        raise ValueError("--texture is a VQFR option; this workdir holds an ART-FR model")
     config = ml_collections.ConfigDict(saved)
     sampling = ml_collections.ConfigDict(dict(config.sampling))
     for name, value in (

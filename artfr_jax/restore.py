@@ -2,7 +2,7 @@
 
     python -m artfr_jax.restore --workdir=DIR --input=FILE_OR_FOLDER --output=DIR \\
         [--steps=8] [--temperature=0] [--batch_size=8] [--seed=0] \\
-        [--side_by_side|--noside_by_side] [--overwrite]
+        [--side_by_side|--noside_by_side] [--overwrite] [--method=auto|art|vqfr] [--texture]
 
 Flags may be spelt with underscores or dashes (``--batch_size`` or ``--batch-size``).
 
@@ -20,6 +20,9 @@ Flags may be spelt with underscores or dashes (``--batch_size`` or ``--batch-siz
   so re-running an interrupted command finishes the rest. Files are written atomically.
 * Each unreadable file is reported as one line ``<path>: <reason>`` on stderr; the run goes on.
   The last line is ``restored N of M images into DIR; K failed``.
+
+``--method`` defaults to the method the workdir was trained with (ART-FR or VQFR); ``--steps`` and
+``--temperature`` only affect ART-FR, ``--texture`` writes VQFR's texture-branch output.
 
 Exit status: 0 all restored (or kept), 1 some files failed, 2 usage error (bad flag, missing input,
 no candidate files, output inside the input folder, workdir without a usable checkpoint).
@@ -410,11 +413,15 @@ def restore_paths(
 # ----------------------------------------------------------------------------- command line
 
 
-def _load_restorer(workdir: str, *, steps: int, temperature: float) -> Restorer:
+def _load_restorer(
+    workdir: str, *, steps: int, temperature: float, method: str = "auto", texture: bool = False
+) -> Restorer:
     """The model; tests replace this function with a fake."""
     from artfr_jax import inference  # the model code is only needed when actually restoring
 
-    return inference.load_restorer(workdir, steps=steps, temperature=temperature)
+    return inference.load_restorer(
+        workdir, method=method, steps=steps, temperature=temperature, texture=texture
+    )
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -437,6 +444,16 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         "side_by_side", True, f"Also write {SIDE_BY_SIDE_DIR}/<stem>.png.", flag_values=fv
     )
     flags.DEFINE_boolean("overwrite", False, "Replace existing output files.", flag_values=fv)
+    flags.DEFINE_enum(
+        "method",
+        "auto",
+        ["auto", "art", "vqfr"],
+        "Restoration method; 'auto' reads it from the workdir's config.",
+        flag_values=fv,
+    )
+    flags.DEFINE_boolean(
+        "texture", False, "VQFR: write the texture branch instead of the main one.", flag_values=fv
+    )
     flags.mark_flags_as_required(["workdir", "input", "output"], flag_values=fv)
 
 
@@ -454,7 +471,8 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues | None = None) -> in
         return cli_lib.usage_error(str(e))
     logging.info("%d candidate file(s) in %s", len(paths), fv.input)
     try:
-        restorer = _load_restorer(fv.workdir, steps=fv.steps, temperature=fv.temperature)
+        kw = {"method": fv.method, "texture": True} if fv.texture else {"method": fv.method}
+        restorer = _load_restorer(fv.workdir, steps=fv.steps, temperature=fv.temperature, **kw)
     except (FileNotFoundError, ValueError) as e:
         return cli_lib.usage_error(f"--workdir {fv.workdir!r}: {_first_line(e)}")
     report = restore_paths(

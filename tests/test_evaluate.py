@@ -333,13 +333,13 @@ def test_fid_against_gt_or_a_statistics_file(split, tmp_path):
         serialization.msgpack_serialize(jax.device_get(params["params"]))
     )
     cache = tmp_path / "cache"
-    base = [f"--restored={split}/lq", "--metrics=fid", f"--weights_dir={wdir}"]
+    base = [f"--restored={split}/lq", "--metrics=fid", f"--weights_dir={wdir}", "--batch_size=5"]
     base.append(f"--fid_cache_dir={cache}")
     assert _run([*base, f"--gt={split}/gt", f"--out={tmp_path}/a"]) == 0
     rep = json.loads((tmp_path / "a.json").read_text())
     assert "the test set's GT (--gt)" in rep["conventions"]["fid"]
 
-    extractor = fid.InceptionExtractor(params["params"], batch_size=4)
+    extractor = fid.InceptionExtractor(params["params"], batch_size=5)
     feats = {
         k: extractor(np.stack([_read(p) for p in sorted((split / k).iterdir())]))
         for k in ("lq", "gt")

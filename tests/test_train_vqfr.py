@@ -1,0 +1,186 @@
+"""VQFR on the tiny configs: stage I with k-means re-estimation, stage II, sharding parity, resume,
+and the restore command on a VQFR workdir."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+from absl import flags
+from PIL import Image
+
+from artfr_jax import inference, restore
+from artfr_jax.train import checkpoint as ckpt_lib
+from artfr_jax.train import sharding, vqfr_trainer, vqgan_trainer
+from artfr_jax.train import writers as writers_lib
+from configs import vqfr as vqfr_config
+from tests import overrides as overrides_lib
+from tests.test_restore_cli import _mixed_folder, _snapshot
+
+
+def _rows(workdir):
+    return writers_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("vqfr_stage1"))
+    config = vqfr_config.get_config("tiny").stage1.config
+    config.eval_every = 0
+    vqgan_trainer.train_and_evaluate(config, workdir)
+    return workdir
+
+
+def tiny_config(stage1_dir, **overrides):
+    config = vqfr_config.get_config("tiny")
+    config.stage1.update(workdir=stage1_dir, train_if_missing=False)
+    return overrides_lib.apply(config, overrides)
+
+
+@pytest.fixture(scope="module")
+def trained(stage1, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("vqfr"))
+    return workdir, vqfr_trainer.train_and_evaluate(tiny_config(stage1), workdir)
+
+
+def test_stage_one_reestimates_the_codebook_with_kmeans(stage1):
+    rows = [r for r in _rows(stage1) if "train/kmeans_reestimated" in r]
+    assert rows and sum(r["train/kmeans_reestimated"] for r in rows) > 0
+    assert ckpt_lib.read_config(ckpt_lib.checkpoint_dir(stage1))["model"]["arch"] == "vqfr_v1"
+
+
+def test_reestimation_replaces_the_codebook_by_reservoir_centres():
+    from artfr_jax.train import kmeans
+    from artfr_jax.train import state as state_lib
+
+    cb = vqfr_config.get_config("tiny").stage1.config.codebook
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 5, (16, 8)).astype(np.float32)
+    feats = centres[rng.integers(0, 16, 200)] + rng.normal(0, 0.05, (200, 8)).astype(np.float32)
+    emb = jax.numpy.zeros((16, 8))
+    state = state_lib.TrainState(
+        step=jax.numpy.int32(cb.every),
+        params={"generator": {"quantizer": {"embedding": emb}}},
+        opt_state=None,
+        extras={"reservoir": kmeans.reservoir_init(cb.reservoir_size, 8)},
+    )
+    new, did = vqgan_trainer._reestimate_codebook(
+        state, state.extras, jax.numpy.asarray(feats), jax.random.key(0), cb
+    )
+    assert float(did) == 1.0 and int(new.extras["reservoir"].seen) == 0
+    got = np.asarray(new.params["generator"]["quantizer"]["embedding"])
+    d = np.linalg.norm(got[:, None] - centres[None], axis=-1).min(axis=1)
+    assert np.all(d < 0.5)  # every new code sits on one of the feature clusters
+    late = state.replace(step=jax.numpy.int32(cb.max_steps + cb.every))
+    new, did = vqgan_trainer._reestimate_codebook(
+        late, late.extras, jax.numpy.asarray(feats), jax.random.key(0), cb
+    )
+    assert float(did) == 0.0 and int(new.extras["reservoir"].seen) == 0  # past max_steps
+
+
+def test_train_and_evaluate_then_restore_a_mixed_folder(trained, tmp_path):
+    workdir, result = trained
+    for k in ("psnr", "ssim", "psnr_texture", "psnr_input"):
+        assert np.isfinite(result[k]), k
+    rows = [r for r in _rows(workdir) if "train/loss" in r]
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    assert all(np.isfinite(r["train/loss"]) and r["train/code"] >= 0 for r in rows)
+    assert rows[-1]["train/d_main_local_loss"] > 0  # the main branch's GAN started at step 3
+    assert os.path.exists(os.path.join(workdir, "samples", "vqfr_step0000006.png"))
+    assert ckpt_lib.read_config(ckpt_lib.checkpoint_dir(workdir))["trainer"] == "vqfr"
+
+    src = tmp_path / "in"
+    good, bad = _mixed_folder(src)
+    before = _snapshot(src)
+    fv = flags.FlagValues()
+    restore.define_flags(fv)
+    fv(["restore", f"--workdir={workdir}", f"--input={src}", f"--output={tmp_path / 'main'}"])
+    assert restore.main(["restore"], fv) == 1  # the broken files failed, the rest was restored
+    names = sorted(os.path.splitext(os.path.basename(p))[0] + ".png" for p in good)
+    assert sorted(f for f in os.listdir(tmp_path / "main") if f.endswith(".png")) == names
+    assert _snapshot(src) == before
+    fv = flags.FlagValues()
+    restore.define_flags(fv)
+    fv(
+        [
+            "restore",
+            f"--workdir={workdir}",
+            f"--input={good[0]}",
+            f"--output={tmp_path / 'tex'}",
+            "--texture",
+            "--method=vqfr",
+        ]
+    )
+    assert restore.main(["restore"], fv) == 0
+    main = np.asarray(Image.open(tmp_path / "main" / names[names.index("small.png")]))
+    tex = np.asarray(Image.open(tmp_path / "tex" / "small.png"))
+    assert main.shape == tex.shape == (32, 32, 3) and not np.array_equal(main, tex)
+    fv = flags.FlagValues()
+    restore.define_flags(fv)
+    fv(
+        [
+            "restore",
+            f"--workdir={workdir}",
+            f"--input={src}",
+            f"--output={tmp_path / 'x'}",
+            "--method=art",
+        ]
+    )
+    assert restore.main(["restore"], fv) == 2  # the workdir holds VQFR, not ART-FR
+
+    r = inference.load_restorer(workdir)
+    lq = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3)).astype(np.uint8)
+    np.testing.assert_array_equal(r(lq, jax.random.key(0)), r(lq, jax.random.key(1)))
+
+
+def _one_step(config, devices):
+    mesh = sharding.make_mesh(config.mesh, devices=devices)
+    stage = vqfr_trainer.make_stage(config, "/unused")
+    state, shardings = stage.init_state(jax.random.key(0), mesh)
+    batch = next(stage.train_iterator(0, 0, 1))
+    with jax.set_mesh(mesh):
+        step = jax.jit(
+            stage.train_step,
+            in_shardings=(shardings, sharding.batch_sharding(mesh), None, None),
+            out_shardings=(shardings, None),
+        )
+        frozen = jax.device_put(stage.frozen, sharding.replicated(mesh))
+        state = state.replace(step=jax.numpy.asarray(16, jax.numpy.int32))  # GANs and R1 on
+        new_state, metrics = step(
+            state, sharding.global_batch_to_devices(batch, mesh), jax.random.key(1), frozen
+        )
+    return jax.device_get(new_state.params), jax.device_get(metrics), new_state
+
+
+def test_eight_device_step_matches_one_device(stage1):
+    config = tiny_config(stage1, **{"optimizer.eps": 1e-3})
+    with jax.default_matmul_precision("highest"):
+        p1, m1, _ = _one_step(config, jax.devices()[:1])
+        config.mesh.update(data=4, fsdp=2)
+        p8, m8, state8 = _one_step(config, jax.devices()[:8])
+    specs = {str(x.sharding.spec) for x in jax.tree.leaves(state8.params)}
+    assert any("fsdp" in s for s in specs), specs
+    assert m1["d_global_d_r1"] > 0
+    for k in m1:
+        np.testing.assert_allclose(m8[k], m1[k], rtol=2e-4, atol=1e-5, err_msg=k)
+    for a, b in zip(jax.tree.leaves(p8), jax.tree.leaves(p1), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_resume_matches_uninterrupted_run(stage1, trained, tmp_path):
+    """Stopped after step 4 and resumed: step 6 equals the uninterrupted run of ``trained``."""
+    workdir, _ = trained
+    part = str(tmp_path / "part")
+    vqfr_trainer.train_and_evaluate(tiny_config(stage1, num_train_steps=4, eval_every=0), part)
+    vqfr_trainer.train_and_evaluate(tiny_config(stage1, eval_every=0), part)
+    a = {r["step"]: r for r in _rows(workdir) if "train/loss" in r}
+    b = {r["step"]: r for r in _rows(part) if "train/loss" in r}
+    assert sorted(b) == [2, 4, 6]
+    np.testing.assert_allclose(b[6]["train/loss"], a[6]["train/loss"], rtol=1e-5)
+
+
+def test_stage_one_must_be_vqfr_codebook(tmp_path):
+    config = vqfr_config.get_config("tiny")
+    config.stage1.config.model.arch = "taming"
+    with pytest.raises(ValueError, match="'vqfr_v1' codebook model"):
+        vqfr_trainer.make_model(config)
