@@ -100,13 +100,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.stage1.update(train_if_missing=True, config=_stage1_config("vqfr_smoke"))
         config.data = data_lib.default_config(image_size=64, preset="vqfr")
         config.batch_size = 8
-        config.num_train_steps = 200
-        config.log_every = 20
-        config.eval_every = 100
-        config.checkpoint_every = 100
+        config.num_train_steps = 150
+        config.log_every = 25
+        config.eval_every = 75
+        config.checkpoint_every = 75
         config.global_discriminator.update(out_size=64, channel_multiplier=1, max_channels=64)
         config.local_discriminator.update(base_features=32, num_layers=2)
-        config.loss.update(perceptual="if_available", main_gan_start=100)
+        config.loss.update(perceptual="if_available", main_gan_start=75)
         config.optimizer.update(learning_rate=5e-4, disc_learning_rate=1e-4)
         config.eval.update(num_images=16, batch_size=8)
     elif arg == "tiny":

@@ -209,7 +209,7 @@ def vqfr_config(arg: str) -> ml_collections.ConfigDict:
     if arg == "vqfr_smoke":  # 64 px on CPU: two levels of f = 2 each, narrow
         config.data = data_lib.default_config(image_size=64, preset="none")
         config.batch_size = 8
-        config.num_train_steps = 300
+        config.num_train_steps = 200
         config.log_every = 25
         config.eval_every = 100
         config.checkpoint_every = 100
@@ -224,9 +224,9 @@ def vqfr_config(arg: str) -> ml_collections.ConfigDict:
             norm_groups=8,
         )
         config.discriminator.update(out_size=64, channel_multiplier=1, max_channels=64)
-        config.loss.update(perceptual="if_available", adversarial_start=200)
-        config.codebook.update(reservoir_size=2048, every=50, max_steps=200, warmup_steps=50)
-        config.optimizer.update(learning_rate=1e-3, disc_learning_rate=1e-4, milestones=(250,))
+        config.loss.update(perceptual="if_available", adversarial_start=150)
+        config.codebook.update(reservoir_size=2048, every=40, max_steps=120, warmup_steps=40)
+        config.optimizer.update(learning_rate=1e-3, disc_learning_rate=1e-4, milestones=(170,))
         config.eval.update(num_images=16, batch_size=8)
     elif arg == "vqfr_tiny":  # tests
         config.data = data_lib.default_config(image_size=32, preset="none")

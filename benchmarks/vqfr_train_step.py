@@ -1,0 +1,126 @@
+r"""VQFR stage-II train step: compile time, median step time, FLOPs and share of peak.
+
+    python -m benchmarks.vqfr_train_step --config=smoke
+    python -m benchmarks.vqfr_train_step --config=paper --batch=1 --steps=2
+
+Random uint8 batches, random stage-I and LPIPS weights (same compute as trained ones; the
+perceptual + style terms are included), all four discriminators and the lazy R1 step switched on
+(the step counter is set past both GAN starts and to a multiple of ``r1_every``, so this is the
+most expensive step of the run). Times: median of ``--steps`` runs after ``--warmup`` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import statistics
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from artfr_jax.losses import perceptual  # noqa: E402
+from artfr_jax.train import sharding, vqfr_trainer, vqgan_trainer  # noqa: E402
+from benchmarks.art_train_step import peak_tflops  # noqa: E402
+from configs import vqfr as vqfr_config  # noqa: E402
+
+
+def build(config_name: str, per_device_batch: int | None):
+    config = vqfr_config.get_config(None if config_name == "paper" else config_name)
+    config.mesh.update(data=-1, fsdp=1)
+    if per_device_batch is not None:
+        config.batch_size = per_device_batch * len(jax.devices())
+    size = config.data.image_size
+    x = jnp.zeros((1, size, size, 3))
+    vqgan = vqgan_trainer.make_generator(config.stage1.config.model.to_dict())
+    vqgan_params = jax.jit(lambda k: vqgan.init(k, x)["params"])(jax.random.key(1))
+    lpips_params = jax.jit(lambda k: perceptual.LPIPS().init(k, x, x)["params"])(jax.random.key(2))
+    vqfr = vqfr_trainer.make_model(config)
+    discs = vqfr_trainer.make_discriminators(config)
+    tx = vqfr_trainer.make_optimizer(config)
+    init = functools.partial(
+        vqfr_trainer.init_state,
+        config=config,
+        vqfr=vqfr,
+        discs=discs,
+        tx=tx,
+        stage1_params=vqgan_params,
+    )
+    step = functools.partial(
+        vqfr_trainer.train_step,
+        config=config,
+        vqfr=vqfr,
+        vqgan=vqgan,
+        discs=discs,
+        lpips_on=True,
+        tx=tx,
+    )
+    return config, init, step, {"vqgan": vqgan_params, "lpips": lpips_params}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", choices=["smoke", "tiny", "paper"], default="smoke")
+    parser.add_argument("--batch", type=int, default=None, help="per-device batch size")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--peak-tflops", type=float, default=None)
+    args = parser.parse_args()
+
+    config, init, step_fn, frozen = build(args.config, args.batch)
+    mesh = sharding.make_mesh(config.mesh)
+    size, n = config.data.image_size, config.batch_size
+    dev = jax.devices()[0]
+    print(
+        f"backend={jax.default_backend()} device={dev.device_kind} devices={len(jax.devices())} "
+        f"config={args.config} image={size}px global_batch={n}"
+    )
+    state, shardings = init(jax.random.key(0), mesh)
+    start = max(config.loss.gan_start, config.loss.main_gan_start) + 1
+    start += (-start) % config.loss.r1_every
+    state = state.replace(step=jnp.asarray(start, jnp.int32))
+    rng = np.random.default_rng(0)
+    host = {k: rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8) for k in ("hq", "lq")}
+    with jax.set_mesh(mesh):
+        batch = sharding.global_batch_to_devices(host, mesh)
+        repl = sharding.replicated(mesh)
+        frozen = jax.device_put(frozen, repl)
+        jitted = jax.jit(
+            step_fn,
+            in_shardings=(shardings, sharding.batch_sharding(mesh), repl, repl),
+            out_shardings=(shardings, repl),
+        )
+        t0 = time.perf_counter()
+        compiled = jitted.lower(state, batch, jax.random.key(0), frozen).compile()
+        compile_s = time.perf_counter() - t0
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        flops = float(cost.get("flops", 0.0)) if cost else 0.0
+        times = []
+        for i in range(args.warmup + args.steps):
+            t0 = time.perf_counter()
+            _, metrics = compiled(state, batch, jax.random.key(i), frozen)  # same step each time
+            jax.block_until_ready(metrics)
+            if i >= args.warmup:
+                times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    print(f"compile: {compile_s:.1f} s")
+    print(
+        f"step: median {med * 1e3:.1f} ms over {len(times)} runs "
+        f"(min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f}); {n / med:.2f} images/s"
+    )
+    if flops:
+        achieved = flops / med / 1e12
+        peak = args.peak_tflops or peak_tflops(dev)
+        line = f"flops/step (XLA, per device): {flops / 1e9:.1f} GFLOP; achieved {achieved:.2f} TFLOP/s"
+        if peak:
+            line += f" = {100 * achieved / peak:.1f}% of {peak:.0f} TFLOP/s bf16 peak"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
