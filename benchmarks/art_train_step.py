@@ -39,6 +39,24 @@ def peak_tflops(device) -> float | None:
     return None
 
 
+def print_step_report(compile_s, times, n, flops, dev, peak_arg=None) -> None:
+    """Compile time, median step time (images/s) and FLOP utilisation of a timed train step."""
+    med = statistics.median(times)
+    print(f"compile: {compile_s:.1f} s")
+    print(
+        f"step: median {med * 1e3:.1f} ms over {len(times)} runs "
+        f"(min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f}); "
+        f"{n / med:.2f} images/s"
+    )
+    if flops:
+        achieved = flops / med / 1e12
+        peak = peak_arg or peak_tflops(dev)
+        line = f"flops/step (XLA, per device): {flops / 1e9:.1f} GFLOP; achieved {achieved:.2f} TFLOP/s"
+        if peak:
+            line += f" = {100 * achieved / peak:.1f}% of {peak:.0f} TFLOP/s bf16 peak"
+        print(line)
+
+
 def _override(config, assignment: str):
     key, _, value = assignment.partition("=")
     *path, last = key.split(".")
@@ -127,20 +145,7 @@ def main():
             jax.block_until_ready(metrics)
             if i >= args.warmup:
                 times.append(time.perf_counter() - t0)
-    med = statistics.median(times)
-    print(f"compile: {compile_s:.1f} s")
-    print(
-        f"step: median {med * 1e3:.1f} ms over {len(times)} runs "
-        f"(min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f}); "
-        f"{n / med:.1f} images/s"
-    )
-    if flops:
-        achieved = flops / med / 1e12
-        peak = args.peak_tflops or peak_tflops(dev)
-        line = f"flops/step (XLA, per device): {flops / 1e9:.1f} GFLOP; achieved {achieved:.2f} TFLOP/s"
-        if peak:
-            line += f" = {100 * achieved / peak:.1f}% of {peak:.0f} TFLOP/s bf16 peak"
-        print(line)
+    print_step_report(compile_s, times, n, flops, dev, args.peak_tflops)
 
 
 if __name__ == "__main__":

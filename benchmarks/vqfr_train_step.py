@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import statistics
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -25,7 +24,7 @@ import numpy as np  # noqa: E402
 
 from artfr_jax.losses import perceptual  # noqa: E402
 from artfr_jax.train import sharding, vqfr_trainer, vqgan_trainer  # noqa: E402
-from benchmarks.art_train_step import peak_tflops  # noqa: E402
+from benchmarks.art_train_step import print_step_report  # noqa: E402
 from configs import vqfr as vqfr_config  # noqa: E402
 
 
@@ -107,19 +106,7 @@ def main():
             jax.block_until_ready(metrics)
             if i >= args.warmup:
                 times.append(time.perf_counter() - t0)
-    med = statistics.median(times)
-    print(f"compile: {compile_s:.1f} s")
-    print(
-        f"step: median {med * 1e3:.1f} ms over {len(times)} runs "
-        f"(min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f}); {n / med:.2f} images/s"
-    )
-    if flops:
-        achieved = flops / med / 1e12
-        peak = args.peak_tflops or peak_tflops(dev)
-        line = f"flops/step (XLA, per device): {flops / 1e9:.1f} GFLOP; achieved {achieved:.2f} TFLOP/s"
-        if peak:
-            line += f" = {100 * achieved / peak:.1f}% of {peak:.0f} TFLOP/s bf16 peak"
-        print(line)
+    print_step_report(compile_s, times, n, flops, dev, args.peak_tflops)
 
 
 if __name__ == "__main__":
