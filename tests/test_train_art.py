@@ -128,18 +128,6 @@ def test_eight_device_step_matches_one_device(stage1):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_resume_matches_uninterrupted_run(stage1, tmp_path):
-    # A constant learning rate, so that the shortened first run follows the same schedule.
-    kw = {"eval_every": 0, "optimizer.schedule": "constant"}
-    full = str(tmp_path / "full")
-    art_trainer.train_and_evaluate(tiny_config(stage1, **kw), full)
-    part = str(tmp_path / "part")
-    art_trainer.train_and_evaluate(tiny_config(stage1, num_train_steps=2, **kw), part)
-    art_trainer.train_and_evaluate(tiny_config(stage1, **kw), part)
-    a, b = _losses(full), _losses(part)
-    np.testing.assert_allclose(b[4]["train/loss"], a[4]["train/loss"], rtol=1e-6)
-
-
 def test_lq_encoder_starts_from_stage_one(stage1):
     config = tiny_config(stage1)
     stage = art_trainer.make_stage(config, "/unused")
