@@ -15,7 +15,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from artfr_jax.train import art_trainer, loop
+from artfr_jax.train import art_trainer, loop, stage1
 from artfr_jax.train import checkpoint as ckpt_lib
 
 METHODS = {"art": "ART-FR", "vqfr": "VQFR"}
@@ -128,13 +128,13 @@ def load_restorer(
             sampling[name] = value
     if int(sampling.steps) < 1:
         raise ValueError(f"steps={sampling.steps}: expected >= 1")
-    s1 = art_trainer.stage1_dir(config, workdir)
+    s1 = stage1.stage1_dir(config, workdir)
     if ckpt_lib.latest_step(ckpt_lib.checkpoint_dir(s1)) is None:
         raise FileNotFoundError(
             f"{workdir}: its stage-I tokenizer checkpoint is missing (looked in {s1}; set by "
             "config.stage1.workdir when training)"
         )
-    tokenizer, tok_params = art_trainer.load_stage1(config, s1)
+    tokenizer, tok_params = stage1.load_stage1(config, s1)
     art = art_trainer.make_model(config, tokenizer)
     art_params = art_trainer.load_art_params(workdir, art, config.data.image_size)
     return Restorer(

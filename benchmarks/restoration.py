@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 from artfr_jax import inference  # noqa: E402
 from artfr_jax.models.artfr import ARTFR  # noqa: E402
 from artfr_jax.sampling import maskgit  # noqa: E402
-from artfr_jax.train import art_trainer, loop  # noqa: E402
+from artfr_jax.train import art_trainer, loop, stage1  # noqa: E402
 from configs import art as art_config  # noqa: E402
 
 
@@ -64,7 +64,7 @@ def main():
     config = art_config.get_config(None if args.config == "paper" else args.config)
     config.model.dtype = args.dtype
     config.sampling.steps = args.steps
-    tokenizer = art_trainer.tokenizer_from_model_config(config.stage1.config.model.to_dict())
+    tokenizer = stage1.tokenizer_from_model_config(config.stage1.config.model.to_dict())
     art = art_trainer.make_model(config, tokenizer)
     size = config.data.image_size
     x = jnp.zeros((1, size, size, 3))

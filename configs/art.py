@@ -27,24 +27,17 @@ Ablations (Tables 2-3): ``--config.model.long_skips=false``, ``--config.loss.fea
 ``--config.model.use_transformer=false``, ``--config.model.condition_mode=concat|cross_attention``.
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
 from artfr_jax import data as data_lib
+from artfr_jax.utils import config_files
 
 SIZES = ("", "paper", "smoke", "demo", "tiny")
 TASKS = ("inpainting", "colorization", "denoise_a", "denoise_b", "sr")
 
 
 def _stage1_config(variant: str | None) -> ml_collections.ConfigDict:
-    # configs/ is not a package on every launch path (config files are loaded by file name).
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vqgan.py")
-    spec = importlib.util.spec_from_file_location("artfr_configs_vqgan", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
+    return config_files.sibling_config(__file__, "vqgan.py", variant)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

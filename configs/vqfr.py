@@ -18,20 +18,14 @@ Variants: ``smoke`` (64 px, both stages on CPU; the perceptual/style terms only 
 ``loss.lpips_weights`` is given), ``tiny`` (the tests').
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
 from artfr_jax import data as data_lib
+from artfr_jax.utils import config_files
 
 
-def _stage1_config(variant: str) -> ml_collections.ConfigDict:
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vqgan.py")
-    spec = importlib.util.spec_from_file_location("artfr_configs_vqgan", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
+def _stage1_config(variant: str | None) -> ml_collections.ConfigDict:
+    return config_files.sibling_config(__file__, "vqgan.py", variant)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 from artfr_jax import data as data_lib  # noqa: E402
 from artfr_jax.data import degradations  # noqa: E402
 from artfr_jax.evaluation import metrics as metrics_lib  # noqa: E402
-from artfr_jax.train import art_trainer, loop  # noqa: E402
+from artfr_jax.train import art_trainer, loop, stage1  # noqa: E402
 from artfr_jax.train import checkpoint as ckpt_lib  # noqa: E402
 
 
@@ -64,7 +64,7 @@ def run(
         raise ValueError(
             f"--workdir={workdir}: expected an ART-FR stage-II run, got {config.trainer}"
         )
-    tokenizer, tok = art_trainer.load_stage1(config, art_trainer.stage1_dir(config, workdir))
+    tokenizer, tok = stage1.load_stage1(config, stage1.stage1_dir(config, workdir))
     art = art_trainer.make_model(config, tokenizer)
     params = art_trainer.load_art_params(workdir, art, config.data.image_size)
     steps = steps or int(config.sampling.steps)

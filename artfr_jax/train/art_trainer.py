@@ -25,8 +25,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
-from flax import linen as nn
 
 from artfr_jax import data as data_lib
 from artfr_jax.evaluation import metrics as metrics_lib
@@ -35,101 +33,9 @@ from artfr_jax.models.transformer import MaskedTokenTransformer
 from artfr_jax.models.vqgan import VQGAN, _l2_normalize, nearest_code
 from artfr_jax.sampling import mask_schedule, maskgit
 from artfr_jax.train import checkpoint as ckpt_lib
-from artfr_jax.train import loop, vqgan_trainer
+from artfr_jax.train import loop, stage1, vqgan_trainer
 from artfr_jax.train import state as state_lib
 from artfr_jax.utils import images as image_utils
-
-# Stage-I model fields that must agree between the declared tokenizer and its checkpoint.
-_TOKENIZER_FIELDS = (
-    "block_out_channels",
-    "layers_per_block",
-    "attention_levels",
-    "mid_attention",
-    "latent_channels",
-    "num_embeddings",
-    "embedding_dim",
-    "norm_num_groups",
-    "normalize_codes",
-)
-
-
-# ----------------------------------------------------------------------------- stage I (frozen)
-
-
-def stage1_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
-    """``config.stage1.workdir``, or ``<workdir>/stage1`` when empty."""
-    return os.path.abspath(config.stage1.workdir or os.path.join(workdir, "stage1"))
-
-
-def ensure_stage1(config: ml_collections.ConfigDict, workdir: str) -> str:
-    """Returns the stage-I workdir, training stage I there first if allowed and unfinished."""
-    directory = stage1_dir(config, workdir)
-    s1 = config.stage1.config
-    step = ckpt_lib.latest_step(ckpt_lib.checkpoint_dir(directory))
-    if config.stage1.train_if_missing and (step is None or step < s1.num_train_steps):
-        logging.info(
-            "Stage I: training the tokenizer in %s (step %s of %d)",
-            directory,
-            step,
-            s1.num_train_steps,
-        )
-        vqgan_trainer.train_and_evaluate(s1, directory)
-    elif step is None:
-        raise FileNotFoundError(
-            f"config.stage1.workdir: no stage-I checkpoint in {directory}; train one with "
-            f"`python -m artfr_jax.main --config=configs/vqgan.py --workdir={directory}` or set "
-            "--config.stage1.train_if_missing=true"
-        )
-    return directory
-
-
-def tokenizer_from_model_config(model: dict):
-    """The stage-I model of a (saved) ``config.model`` dict, whatever its ``arch``."""
-    return vqgan_trainer.make_generator(model)
-
-
-def _saved_config(directory: str, trainer: str, what: str) -> tuple[str, dict, str]:
-    """(checkpoint dir, its saved config, 'ema_params' or 'params') of a ``trainer`` workdir."""
-    ckdir = ckpt_lib.checkpoint_dir(directory)
-    saved = ckpt_lib.read_config(ckdir)
-    if saved.get("trainer") != trainer:
-        raise ValueError(
-            f"{what}={directory}: expected a {trainer!r} checkpoint, found "
-            f"trainer={saved.get('trainer')!r}"
-        )
-    key = "ema_params" if saved["optimizer"].get("ema_decay", 0.0) > 0 else "params"
-    return ckdir, saved, key
-
-
-def load_stage1(config: ml_collections.ConfigDict, directory: str) -> tuple[nn.Module, dict]:
-    """The frozen tokenizer and its params (EMA if stage I kept one), with consistency checks."""
-    ckdir, saved, key = _saved_config(directory, "vqgan", "config.stage1.workdir")
-    declared = config.stage1.config.model.to_dict()
-    diffs = []
-    arch = declared.get("arch", "taming")
-    fields = _TOKENIZER_FIELDS if arch == "taming" else ("arch", *sorted(declared))
-    for k in dict.fromkeys(fields):
-        a, b = saved["model"].get(k), declared.get(k)
-        norm = lambda v: list(v) if isinstance(v, tuple | list) else v
-        if norm(a) != norm(b):
-            diffs.append(f"{k}: checkpoint {a!r} vs config {b!r}")
-    if diffs:
-        raise ValueError(
-            f"config.stage1.config.model does not match the checkpoint in {directory}: "
-            + "; ".join(diffs)
-        )
-    size = saved["data"]["image_size"]
-    if size != config.data.image_size:
-        raise ValueError(
-            f"config.data.image_size={config.data.image_size} but the stage-I tokenizer in "
-            f"{directory} was trained at {size}"
-        )
-    tokenizer = tokenizer_from_model_config(saved["model"])
-    x = jnp.zeros((1, size, size, 3), jnp.float32)
-    abstract = jax.eval_shape(lambda: tokenizer.init(jax.random.key(0), x, train=False)["params"])
-    restored = ckpt_lib.restore_subtree(ckdir, {key: {"generator": abstract}})
-    return tokenizer, restored[key]["generator"]
-
 
 # ----------------------------------------------------------------------------------- models
 
@@ -351,8 +257,8 @@ def eval_step(state, batch, frozen, *, config, art, tokenizer):
 
 
 def make_stage(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
-    s1 = ensure_stage1(config, workdir)
-    tokenizer, tok_params = load_stage1(config, s1)
+    s1 = stage1.ensure_stage1(config, workdir)
+    tokenizer, tok_params = stage1.load_stage1(config, s1)
     art = make_model(config, tokenizer)
     tx = make_optimizer(config)
     init_params = None
@@ -386,7 +292,7 @@ def abstract_art_params(art: ARTFR, image_size: int):
 
 def load_art_params(workdir: str, art: ARTFR, image_size: int) -> dict:
     """Stage-II params (EMA if kept) from the latest checkpoint of a stage-II workdir."""
-    ckdir, _, key = _saved_config(workdir, "art", "stage-II workdir")
+    ckdir, _, key = stage1.saved_config(workdir, "art", "stage-II workdir")
     target = {key: {"art": abstract_art_params(art, image_size)}}
     try:
         return ckpt_lib.restore_subtree(ckdir, target)[key]["art"]

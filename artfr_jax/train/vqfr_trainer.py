@@ -26,8 +26,8 @@ import optax
 from artfr_jax.evaluation import metrics as metrics_lib
 from artfr_jax.losses import adversarial, style
 from artfr_jax.models.vqfr import VQFRv1, vqfr_params_from_vqgan
-from artfr_jax.train import art_trainer, loop, vqgan_trainer
 from artfr_jax.train import checkpoint as ckpt_lib
+from artfr_jax.train import loop, stage1, vqgan_trainer
 from artfr_jax.train import state as state_lib
 
 DISCS = ("d_global", "d_local", "d_main_global", "d_main_local")
@@ -35,7 +35,7 @@ DISCS = ("d_global", "d_local", "d_main_global", "d_main_local")
 
 def make_model(config: ml_collections.ConfigDict) -> VQFRv1:
     """VQFRv1 with the stage-I model's fields plus ``config.model`` (cond_channels, groups)."""
-    arch, fields = vqgan_trainer._fields(config.stage1.config.model.to_dict())
+    arch, fields = vqgan_trainer.split_arch(config.stage1.config.model.to_dict())
     if arch != "vqfr_v1":
         raise ValueError(
             f"config.stage1.config.model.arch={arch!r}: VQFR needs a 'vqfr_v1' codebook model "
@@ -273,8 +273,8 @@ def eval_step(state, batch, frozen, *, vqfr):
 
 
 def make_stage(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
-    s1 = art_trainer.ensure_stage1(config, workdir)
-    vqgan, vqgan_params = art_trainer.load_stage1(config, s1)
+    s1 = stage1.ensure_stage1(config, workdir)
+    vqgan, vqgan_params = stage1.load_stage1(config, s1)
     vqfr = make_model(config)
     discs = make_discriminators(config)
     tx = make_optimizer(config)
@@ -303,7 +303,7 @@ def make_stage(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
 
 def load_vqfr(workdir: str) -> tuple[VQFRv1, dict, int]:
     """The trained network of a VQFR workdir: ``(model, params, image_size)`` (EMA if kept)."""
-    ckdir, saved, key = art_trainer._saved_config(workdir, "vqfr", "--workdir")
+    ckdir, saved, key = stage1.saved_config(workdir, "vqfr", "--workdir")
     config = ml_collections.ConfigDict(saved)
     vqfr = make_model(config)
     size = config.data.image_size

@@ -30,14 +30,15 @@ GENERATORS = {"taming": VQGAN, "vqfr_v1": VQGANv1}
 DISCRIMINATORS = {"patchgan": PatchDiscriminator, "swagan": SWADiscriminator}
 
 
-def _fields(section: dict) -> tuple[str, dict]:
+def split_arch(section: dict) -> tuple[str | None, dict]:
+    """``(section['arch'], the other fields)`` of a model config section, lists made tuples."""
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in section.items()}
     return fields.pop("arch", None), fields
 
 
 def make_generator(model: dict):
     """The codebook model named by ``model['arch']`` ('taming' when absent) with the other fields."""
-    arch, fields = _fields(model)
+    arch, fields = split_arch(model)
     arch = arch or "taming"
     if arch not in GENERATORS:
         raise ValueError(f"config.model.arch={arch!r}: expected one of {sorted(GENERATORS)}")
@@ -45,7 +46,7 @@ def make_generator(model: dict):
 
 
 def make_discriminator(section: dict):
-    arch, fields = _fields(section)
+    arch, fields = split_arch(section)
     arch = arch or "patchgan"
     if arch not in DISCRIMINATORS:
         raise ValueError(
