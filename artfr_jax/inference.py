@@ -78,6 +78,26 @@ class VQFRRestorer:
         return np.asarray(jax.device_get(self._run(self.params, lq)))
 
 
+def load_converted_vqfr(
+    path: str, *, texture: bool = False, model=None, image_size: int = 512
+) -> VQFRRestorer:
+    """VQFR at the paper configuration (512 px) from a file written by
+    ``python -m artfr_jax.convert.vqfr --arch=vqfr_v1`` (e.g. the official ``VQFR_v1`` release).
+    ``model`` / ``image_size`` replace the paper configuration (tests use a small one).
+
+    Raises FileNotFoundError / ValueError naming the file (and the converter command) when it is
+    missing or does not hold VQFRv1 params of the paper configuration.
+    """
+    from artfr_jax.convert import vqfr as convert_vqfr  # noqa: PLC0415
+    from artfr_jax.models.vqfr import VQFRv1  # noqa: PLC0415
+
+    vqfr = model or VQFRv1()
+    params = convert_vqfr.load_vqfr_v1_params(path, vqfr)
+    return VQFRRestorer(
+        vqfr=vqfr, params=params, image_size=image_size, branch="texture" if texture else "main"
+    )
+
+
 def load_restorer(
     workdir: str,
     *,

@@ -1,7 +1,7 @@
 """Restores a face image or a folder of face images with a trained model.
 
-    python -m artfr_jax.restore --workdir=DIR --input=FILE_OR_FOLDER --output=DIR \\
-        [--steps=8] [--temperature=0] [--batch_size=8] [--seed=0] \\
+    python -m artfr_jax.restore (--workdir=DIR | --weights=vqfr_v1.msgpack) \\
+        --input=FILE_OR_FOLDER --output=DIR [--steps=8] [--temperature=0] [--batch_size=8] [--seed=0] \\
         [--side_by_side|--noside_by_side] [--overwrite] [--method=auto|art|vqfr] [--texture]
 
 Flags may be spelt with underscores or dashes (``--batch_size`` or ``--batch-size``).
@@ -23,6 +23,8 @@ Flags may be spelt with underscores or dashes (``--batch_size`` or ``--batch-siz
 
 ``--method`` defaults to the method the workdir was trained with (ART-FR or VQFR); ``--steps`` and
 ``--temperature`` only affect ART-FR, ``--texture`` writes VQFR's texture-branch output.
+``--weights`` instead of ``--workdir`` restores with official VQFR v1 weights converted by
+``python -m artfr_jax.convert.vqfr --arch=vqfr_v1`` (512 px, the paper configuration).
 
 Exit status: 0 all restored (or kept), 1 some files failed, 2 usage error (bad flag, missing input,
 no candidate files, output inside the input folder, workdir without a usable checkpoint).
@@ -414,11 +416,19 @@ def restore_paths(
 
 
 def _load_restorer(
-    workdir: str, *, steps: int, temperature: float, method: str = "auto", texture: bool = False
+    workdir: str | None,
+    *,
+    steps: int,
+    temperature: float,
+    method: str = "auto",
+    texture: bool = False,
+    weights: str | None = None,
 ) -> Restorer:
-    """The model; tests replace this function with a fake."""
+    """The model of a workdir, or of a converted VQFR weights file; tests replace this function."""
     from artfr_jax import inference  # the model code is only needed when actually restoring
 
+    if weights:
+        return inference.load_converted_vqfr(weights, texture=texture)
     return inference.load_restorer(
         workdir, method=method, steps=steps, temperature=temperature, texture=texture
     )
@@ -428,6 +438,13 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     """Defines the command's flags (only when run as a command, so importing defines none)."""
     fv = flag_values
     flags.DEFINE_string("workdir", None, "Training workdir with the checkpoint.", flag_values=fv)
+    flags.DEFINE_string(
+        "weights",
+        None,
+        "Instead of --workdir: official VQFR v1 weights converted by "
+        "`python -m artfr_jax.convert.vqfr --arch=vqfr_v1` (512 px).",
+        flag_values=fv,
+    )
     flags.DEFINE_string(
         "input", None, "Image file, or folder of images (not recursive).", flag_values=fv
     )
@@ -454,7 +471,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_boolean(
         "texture", False, "VQFR: write the texture branch instead of the main one.", flag_values=fv
     )
-    flags.mark_flags_as_required(["workdir", "input", "output"], flag_values=fv)
+    flags.mark_flags_as_required(["input", "output"], flag_values=fv)
+    flags.mark_flags_as_mutual_exclusive(["workdir", "weights"], required=True, flag_values=fv)
 
 
 def main(argv: Sequence[str], flag_values: flags.FlagValues | None = None) -> int:
@@ -470,11 +488,18 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues | None = None) -> in
     except ValueError as e:
         return cli_lib.usage_error(str(e))
     logging.info("%d candidate file(s) in %s", len(paths), fv.input)
+    if fv.weights and fv.method not in ("auto", "vqfr"):
+        return cli_lib.usage_error(
+            f"--weights holds VQFR v1 params; --method={fv.method} is not 'vqfr'"
+        )
     try:
         kw = {"method": fv.method, "texture": True} if fv.texture else {"method": fv.method}
+        if fv.weights:
+            kw["weights"] = fv.weights
         restorer = _load_restorer(fv.workdir, steps=fv.steps, temperature=fv.temperature, **kw)
     except (FileNotFoundError, ValueError) as e:
-        return cli_lib.usage_error(f"--workdir {fv.workdir!r}: {_first_line(e)}")
+        which = f"--weights {fv.weights!r}" if fv.weights else f"--workdir {fv.workdir!r}"
+        return cli_lib.usage_error(f"{which}: {_first_line(e)}")
     report = restore_paths(
         restorer,
         paths,

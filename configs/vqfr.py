@@ -14,8 +14,12 @@ into ``<workdir>/stage1`` first when ``stage1.train_if_missing`` (the variants) 
         --config.stage1.workdir=runs/vqfr_codebook --config.loss.lpips_weights=weights/lpips_vgg.msgpack
     python -m artfr_jax.restore --workdir=runs/vqfr --input=faces/ --output=restored/ [--texture]
 
-Variants: ``smoke`` (64 px, both stages on CPU; the perceptual/style terms only when
-``loss.lpips_weights`` is given), ``tiny`` (the tests').
+Variants: ``smoke`` (64 px, both stages on CPU, batch 4; the perceptual/style terms only when
+``loss.lpips_weights`` is given, so an L1 term on the main branch stands in for them, and the GAN
+terms start at step 100 of 150 with weight 0.1), ``tiny`` (the tests').
+
+``init_from`` starts the network from a VQFR workdir or from official weights converted by
+``python -m artfr_jax.convert.vqfr --arch=vqfr_v1`` instead of from the stage-I model.
 """
 
 import ml_collections
@@ -35,7 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.trainer = "vqfr"
     config.seed = 0
     config.distributed = False
-    config.init_from = ""
+    config.init_from = ""  # network start: a VQFR workdir or a converted vqfr_v1.msgpack
     config.batch_size = 16
     config.num_train_steps = 200_000
     config.log_every = 100
@@ -93,14 +97,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg == "smoke":
         config.stage1.update(train_if_missing=True, config=_stage1_config("vqfr_smoke"))
         config.data = data_lib.default_config(image_size=64, preset="vqfr")
-        config.batch_size = 8
+        config.batch_size = 4
         config.num_train_steps = 150
         config.log_every = 25
         config.eval_every = 75
         config.checkpoint_every = 75
         config.global_discriminator.update(out_size=64, channel_multiplier=1, max_channels=64)
         config.local_discriminator.update(base_features=32, num_layers=2)
-        config.loss.update(perceptual="if_available", main_gan_start=75)
+        # Without LPIPS weights the main branch would have only GAN terms: an L1 term stands in for
+        # the perceptual loss; both branches' GAN terms start after 100 reconstruction steps, at
+        # 0.1 so that they stay about as small next to the L1 terms (~0.2) as the paper's 0.5 is
+        # next to its perceptual + style terms.
+        config.loss.update(
+            perceptual="if_available",
+            main_pixel_weight=1.0,
+            gan_start=100,
+            main_gan_start=100,
+            global_weight=0.1,
+            local_weight=0.1,
+        )
         config.optimizer.update(learning_rate=5e-4, disc_learning_rate=1e-4)
         config.eval.update(num_images=16, batch_size=8)
     elif arg == "tiny":

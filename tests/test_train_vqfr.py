@@ -1,5 +1,5 @@
-"""VQFR on the tiny configs: stage I with k-means re-estimation, stage II, sharding parity, resume,
-and the restore command on a VQFR workdir."""
+"""VQFR on the tiny configs: stage I with k-means re-estimation, stage II, sharding parity and the
+restore command on a VQFR workdir (resume after SIGKILL: test_main_cli)."""
 
 import os
 
@@ -167,20 +167,23 @@ def test_eight_device_step_matches_one_device(stage1):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_resume_matches_uninterrupted_run(stage1, trained, tmp_path):
-    """Stopped after step 4 and resumed: step 6 equals the uninterrupted run of ``trained``."""
-    workdir, _ = trained
-    part = str(tmp_path / "part")
-    vqfr_trainer.train_and_evaluate(tiny_config(stage1, num_train_steps=4, eval_every=0), part)
-    vqfr_trainer.train_and_evaluate(tiny_config(stage1, eval_every=0), part)
-    a = {r["step"]: r for r in _rows(workdir) if "train/loss" in r}
-    b = {r["step"]: r for r in _rows(part) if "train/loss" in r}
-    assert sorted(b) == [2, 4, 6]
-    np.testing.assert_allclose(b[6]["train/loss"], a[6]["train/loss"], rtol=1e-5)
-
-
 def test_stage_one_must_be_vqfr_codebook(tmp_path):
     config = vqfr_config.get_config("tiny")
     config.stage1.config.model.arch = "taming"
     with pytest.raises(ValueError, match="'vqfr_v1' codebook model"):
         vqfr_trainer.make_model(config)
+
+
+def test_init_from_a_workdir_or_a_converted_file(stage1, trained, tmp_path):
+    workdir, _ = trained
+    config = tiny_config(stage1, init_from=workdir)
+    stage = vqfr_trainer.make_stage(config, str(tmp_path / "new"))
+    state, _ = stage.init_state(jax.random.key(3), sharding.make_mesh(config.mesh))
+    _, want, _ = vqfr_trainer.load_vqfr(workdir)
+    for a, b in zip(jax.tree.leaves(state.params["sr"]), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match=r"config.init_from=.*expected a 'vqfr' checkpoint"):
+        vqfr_trainer.make_stage(tiny_config(stage1, init_from=stage1), str(tmp_path / "x"))
+    missing = str(tmp_path / "vqfr_v1.msgpack")
+    with pytest.raises(FileNotFoundError, match=r"config.init_from: .*python -m artfr_jax"):
+        vqfr_trainer.make_stage(tiny_config(stage1, init_from=missing), str(tmp_path / "y"))

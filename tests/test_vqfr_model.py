@@ -636,3 +636,58 @@ def test_converter_errors_name_the_file(tiny_checkpoint, tmp_path, capsys):
     assert rc == 1 and err.startswith(f"error: {src}: missing") and "\n" not in err
     rc = conv.main(["--arch=vqgan_v1", f"--input={tmp_path / 'no.pth'}", "--output=x.msgpack"])
     assert rc == 1 and "no.pth not found" in capsys.readouterr().err
+
+
+def test_restore_command_with_converted_official_weights(tmp_path, monkeypatch, capsys):
+    """Release-format checkpoint -> converter CLI -> ``restore --weights``: the written faces are
+    the reference network's main branch (texture branch with ``--texture``)."""
+    from absl import flags
+    from PIL import Image
+
+    from artfr_jax import inference, restore
+
+    ref = TorchVQFRv1(TINY, groups=TINY_GROUPS, cond=TINY_COND, dg=4).eval()
+    randomize(ref, 4)
+    pth, out = tmp_path / "VQFR_v1.pth", tmp_path / "vqfr_v1.msgpack"
+    torch.save({"params_ema": ref.state_dict()}, pth)
+    model = VQFRv1(cond_channels=TINY_COND, deformable_groups=4, **jax_kwargs(TINY, TINY_GROUPS))
+    conv.convert_file("vqfr_v1", str(pth), str(out), model=model, key="params_ema")
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    x = (image(5, 32) + 1) * 127.5
+    for i, face in enumerate(np.clip(np.round(x), 0, 255).astype(np.uint8)):
+        Image.fromarray(face).save(faces / f"f{i}.png")
+    lq = np.stack([np.asarray(Image.open(faces / f"f{i}.png")) for i in range(2)])
+    with torch.no_grad():
+        want_main, want_tex, _ = ref(torch.from_numpy(lq / 127.5 - 1.0).float().permute(0, 3, 1, 2))
+
+    def load(workdir, *, texture=False, weights=None, **kw):
+        assert workdir is None and weights == str(out)
+        return inference.load_converted_vqfr(weights, texture=texture, model=model, image_size=32)
+
+    monkeypatch.setattr(restore, "_load_restorer", load)
+    for extra, want in (([], want_main), (["--texture"], want_tex)):
+        fv = flags.FlagValues()
+        restore.define_flags(fv)
+        dst = tmp_path / f"out{len(extra)}"
+        fv(["restore", f"--weights={out}", f"--input={faces}", f"--output={dst}", *extra])
+        assert restore.main(["restore"], fv) == 0
+        want_u8 = np.clip(np.round((to_nhwc(want) + 1) * 127.5), 0, 255)
+        for i in range(2):
+            got = np.asarray(Image.open(dst / f"f{i}.png")).astype(np.float64)
+            assert np.abs(got - want_u8[i]).max() <= 1.0
+    # A file that is not VQFR v1 at the paper configuration: one line naming it and the converter.
+    fv = flags.FlagValues()
+    restore.define_flags(fv)
+    fv(["restore", f"--weights={out}", f"--input={faces}", f"--output={tmp_path / 'o'}"])
+    monkeypatch.setattr(
+        restore, "_load_restorer", lambda w, **kw: inference.load_converted_vqfr(kw["weights"])
+    )
+    assert restore.main(["restore"], fv) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err.startswith(f"error: --weights '{out}': ") and "python -m artfr_jax.convert.vqfr" in err
+    )
+    assert "\n" not in err
+    with pytest.raises(flags.IllegalFlagValueError):
+        fv(["restore", "--workdir=w", f"--weights={out}"])

@@ -64,7 +64,9 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     )
 
 
-def init_state(rng, mesh, *, config, vqfr, discs, tx, stage1_params):
+def init_state(rng, mesh, *, config, vqfr, discs, tx, stage1_params, init_params=None):
+    """Fresh state; the network starts from ``init_params`` (``config.init_from``) if given, else
+    from the stage-I encoder, codebook and decoder (both branches' decoders, VQFR Sec. 4.2)."""
     size = config.data.image_size
     x = jnp.zeros((2, size, size, 3), jnp.float32)
 
@@ -95,7 +97,10 @@ def init_state(rng, mesh, *, config, vqfr, discs, tx, stage1_params):
     )
     copy = lambda tree: jax.tree.map(lambda a: jnp.array(a, copy=True), tree)  # noqa: E731
     params = dict(state.params)
-    params["sr"] = vqfr_params_from_vqgan(params["sr"], copy(stage1_params))
+    if init_params is not None:
+        params["sr"] = copy(init_params)
+    else:
+        params["sr"] = vqfr_params_from_vqgan(params["sr"], copy(stage1_params))
     params = jax.device_put(params, shardings.params)
     ema = jax.tree.map(jnp.copy, {"sr": params["sr"]}) if ema_keys else None
     return state.replace(params=params, ema_params=ema), shardings
@@ -279,12 +284,19 @@ def make_stage(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
     discs = make_discriminators(config)
     tx = make_optimizer(config)
     lpips_frozen, lpips = vqgan_trainer.load_frozen(config)
+    init_params = load_init_params(config.init_from, vqfr, config.data.image_size)
     frozen = {"vqgan": vqgan_params, **lpips_frozen}
     frozen.update(loop.eval_lpips_params(config, frozen))
     return loop.Stage(
         name="vqfr",
         init_state=functools.partial(
-            init_state, config=config, vqfr=vqfr, discs=discs, tx=tx, stage1_params=vqgan_params
+            init_state,
+            config=config,
+            vqfr=vqfr,
+            discs=discs,
+            tx=tx,
+            stage1_params=vqgan_params,
+            init_params=init_params,
         ),
         train_step=functools.partial(
             train_step,
@@ -301,9 +313,31 @@ def make_stage(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
     )
 
 
-def load_vqfr(workdir: str) -> tuple[VQFRv1, dict, int]:
+def load_init_params(init_from: str, vqfr: VQFRv1, image_size: int) -> dict | None:
+    """``config.init_from``: a VQFR workdir (its latest network, EMA if kept) or a ``.msgpack``
+    written by ``python -m artfr_jax.convert.vqfr --arch=vqfr_v1`` (official weights); None if
+    empty. Errors name the field and say what differs."""
+    if not init_from:
+        return None
+    if init_from.endswith(".msgpack"):
+        from artfr_jax.convert import vqfr as convert_vqfr  # noqa: PLC0415
+
+        try:
+            return convert_vqfr.load_vqfr_v1_params(init_from, vqfr)
+        except (FileNotFoundError, ValueError) as e:
+            raise type(e)(f"config.init_from: {e}") from None
+    other, params, size = load_vqfr(init_from, what="config.init_from")
+    if other != vqfr or size != image_size:
+        raise ValueError(
+            f"config.init_from={init_from}: its network ({size} px) differs from this config's "
+            f"({image_size} px); the model fields must be equal"
+        )
+    return params
+
+
+def load_vqfr(workdir: str, what: str = "--workdir") -> tuple[VQFRv1, dict, int]:
     """The trained network of a VQFR workdir: ``(model, params, image_size)`` (EMA if kept)."""
-    ckdir, saved, key = stage1.saved_config(workdir, "vqfr", "--workdir")
+    ckdir, saved, key = stage1.saved_config(workdir, "vqfr", what)
     config = ml_collections.ConfigDict(saved)
     vqfr = make_model(config)
     size = config.data.image_size
