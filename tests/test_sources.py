@@ -97,27 +97,47 @@ def test_synthetic_source():
     np.testing.assert_array_equal(src[0], sources.SyntheticSource(10, 32)[5])
 
 
-def test_tfds_source(tmp_path):
+_TINY_TFDS_BUILDER = []  # tfds registers builder classes by name: define it once per process
+
+
+def _prepare_tiny_tfds(data_dir, num_train=5):
+    """Prepare a tiny ArrayRecord TFDS dataset 'artfr_tiny_faces' in ``data_dir``.
+
+    Record i of the train split is a constant 20x30 image of value 20 * i.
+    """
     tfds = pytest.importorskip("tensorflow_datasets")
+    if not _TINY_TFDS_BUILDER:
 
-    class ArtfrTinyFaces(tfds.core.GeneratorBasedBuilder):
-        # A one-part module name makes tfds skip its package-resource lookup for the code path
-        # (which needs the missing `importlib_resources` package).
-        __module__ = "artfr_tiny_faces_builder"
-        VERSION = tfds.core.Version("1.0.0")
+        class ArtfrTinyFaces(tfds.core.GeneratorBasedBuilder):
+            # A one-part module name makes tfds skip its package-resource lookup for the code
+            # path (which needs the missing `importlib_resources` package).
+            __module__ = "artfr_tiny_faces_builder"
+            VERSION = tfds.core.Version("1.0.0")
+            num_train = 5
 
-        def _info(self):
-            feats = {"image": tfds.features.Image(shape=(None, None, 3)), "id": np.int64}
-            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(feats))
+            def _info(self):
+                feats = {"image": tfds.features.Image(shape=(None, None, 3)), "id": np.int64}
+                info = tfds.features.FeaturesDict(feats)
+                return tfds.core.DatasetInfo(builder=self, features=info)
 
-        def _split_generators(self, dl_manager):
-            return {"train": self._generate_examples(5), "test": self._generate_examples(2)}
+            def _split_generators(self, dl_manager):
+                return {
+                    "train": self._generate_examples(self.num_train),
+                    "test": self._generate_examples(2),
+                }
 
-        def _generate_examples(self, n):
-            for i in range(n):
-                yield i, {"image": np.full((20, 30, 3), 20 * i, np.uint8), "id": i}
+            def _generate_examples(self, n):
+                for i in range(n):
+                    yield i, {"image": np.full((20, 30, 3), 20 * i, np.uint8), "id": i}
 
-    ArtfrTinyFaces(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+        _TINY_TFDS_BUILDER.append(ArtfrTinyFaces)
+    builder = _TINY_TFDS_BUILDER[0](data_dir=str(data_dir), file_format="array_record")
+    builder.num_train = num_train
+    builder.download_and_prepare()
+
+
+def test_tfds_source(tmp_path):
+    _prepare_tiny_tfds(tmp_path)
     src = sources.TfdsSource("artfr_tiny_faces", "train", 8, data_dir=str(tmp_path))
     assert len(src) == 5
     values = sorted(int(src[i][0, 0, 0]) for i in range(5))
@@ -128,3 +148,23 @@ def test_tfds_source(tmp_path):
         sources.TfdsSource("artfr_tiny_faces", "train", 8, data_dir=str(tmp_path), image_key="img")
     with pytest.raises(ValueError, match=r"data.tfds_name 'no_such_ds' split 'train'.*cannot open"):
         sources.TfdsSource("no_such_ds", "train", 8, data_dir=str(tmp_path))
+
+
+def test_tfds_source_through_worker_processes(tmp_path):
+    """The TFDS source is pickled into grain's worker processes and reopened there by name."""
+    from artfr_jax import data
+
+    _prepare_tiny_tfds(tmp_path, num_train=6)
+    cfg = data.default_config(16)
+    cfg.update(source="tfds", tfds_name="artfr_tiny_faces", tfds_data_dir=str(tmp_path))
+    cfg.update(eval_holdout=2, num_workers=2)
+    train = data.pipeline.train_source(cfg)
+    train_values = sorted(int(train[i][0, 0, 0]) for i in range(len(train)))
+    assert len(train_values) == 4
+    it = data.make_train_iterator(cfg, global_batch_size=2, seed=0)
+    try:
+        batches = [next(it) for _ in range(4)]  # two epochs of the four training records
+    finally:
+        it.close()
+    seen = [int(v) for b in batches for v in b["hq"][:, 0, 0, 0]]
+    assert sorted(seen) == sorted(train_values * 2)  # every record twice, held-out ones never
