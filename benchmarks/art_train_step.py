@@ -57,6 +57,23 @@ def print_step_report(compile_s, times, n, flops, dev, peak_arg=None) -> None:
         print(line)
 
 
+def print_memory_analysis(compiled) -> None:
+    """XLA's compiled memory analysis per device (``None`` on backends that do not report it)."""
+    mem = compiled.memory_analysis()
+    if mem is None:
+        print("memory_analysis: not reported by this backend")
+        return
+    gib = 1 / 2**30
+    print(
+        "memory_analysis (per device, GiB): "
+        f"arguments={mem.argument_size_in_bytes * gib:.3f} "
+        f"outputs={mem.output_size_in_bytes * gib:.3f} "
+        f"temp={mem.temp_size_in_bytes * gib:.3f} "
+        f"generated_code={mem.generated_code_size_in_bytes * gib:.4f} "
+        f"alias={mem.alias_size_in_bytes * gib:.3f}"
+    )
+
+
 def _override(config, assignment: str):
     key, _, value = assignment.partition("=")
     *path, last = key.split(".")

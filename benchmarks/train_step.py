@@ -24,6 +24,7 @@ import numpy as np  # noqa: E402
 
 from artfr_jax.losses import perceptual  # noqa: E402
 from artfr_jax.train import sharding, vqgan_trainer  # noqa: E402
+from benchmarks.art_train_step import print_memory_analysis  # noqa: E402
 from configs import vqgan as vqgan_config  # noqa: E402
 
 
@@ -83,18 +84,8 @@ def main():
         lowered = jitted.lower(state, batch, jax.random.key(0), frozen)
         compiled = lowered.compile()
         compile_s = time.perf_counter() - t0
-        mem = compiled.memory_analysis()
         print(f"compile_time_s={compile_s:.2f}")
-        if mem is not None:
-            gib = 1 / 2**30
-            print(
-                "memory_analysis (per device, GiB): "
-                f"arguments={mem.argument_size_in_bytes * gib:.3f} "
-                f"outputs={mem.output_size_in_bytes * gib:.3f} "
-                f"temp={mem.temp_size_in_bytes * gib:.3f} "
-                f"generated_code={mem.generated_code_size_in_bytes * gib:.4f} "
-                f"alias={mem.alias_size_in_bytes * gib:.3f}"
-            )
+        print_memory_analysis(compiled)
         if args.memory_only:
             return
         times = []

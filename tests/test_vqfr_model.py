@@ -505,6 +505,32 @@ def test_vqfr_v1_shapes_gradients_and_stage1_start():
         vqfr_params_from_vqgan(params, bad)
 
 
+def test_remat_computes_the_same_function_and_gradients():
+    model, params = random_params("vqfr_v1", 2)
+    remat = model.clone(remat=True)
+    x = jnp.asarray(image(2, 32))
+    assert shapes(jax.eval_shape(remat.init, jax.random.key(0), x)["params"]) == shapes(params)
+
+    def loss_fn(m):
+        def loss(params):
+            main, texture, aux = m.apply({"params": params}, x)
+            return jnp.mean(jnp.abs(main)) + jnp.mean(texture**2) + jnp.mean(aux["z"] ** 2)
+
+        return loss
+
+    # per level: encoder + texture-decoder blocks and a warping module; a fuse block per level
+    # but the last
+    n = len(TINY["channel_multipliers"])
+    blocks = n * (TINY["encoder_num_blocks"] + TINY["decoder_num_blocks"] + 1) + n - 1
+    assert str(jax.make_jaxpr(loss_fn(remat))(params)).count("remat2[") == blocks
+    assert "remat2[" not in str(jax.make_jaxpr(loss_fn(model))(params))
+    grad_fns = [jax.jit(jax.value_and_grad(loss_fn(m))) for m in (model, remat)]
+    (v0, g0), (v1, g1) = (f(params) for f in grad_fns)
+    np.testing.assert_allclose(v1, v0, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
 def test_bad_config_and_input_errors():
     with pytest.raises(ValueError, match="resolution_scale_rates must be"):
         VQFRv1(resolution_scale_rates=(2, 2, 2, 2, 2, 2)).init(

@@ -34,14 +34,15 @@ DISCS = ("d_global", "d_local", "d_main_global", "d_main_local")
 
 
 def make_model(config: ml_collections.ConfigDict) -> VQFRv1:
-    """VQFRv1 with the stage-I model's fields plus ``config.model`` (cond_channels, groups)."""
+    """VQFRv1 with the stage-I model's fields plus ``config.model`` (cond_channels, deformable
+    groups, remat; these override a stage-I field of the same name)."""
     arch, fields = vqgan_trainer.split_arch(config.stage1.config.model.to_dict())
     if arch != "vqfr_v1":
         raise ValueError(
             f"config.stage1.config.model.arch={arch!r}: VQFR needs a 'vqfr_v1' codebook model "
             "(configs/vqgan.py:vqfr)"
         )
-    return VQFRv1(**fields, **config.model.to_dict())
+    return VQFRv1(**{**fields, **config.model.to_dict()})  # stage-II fields (remat) win
 
 
 def make_discriminators(config: ml_collections.ConfigDict) -> dict:
