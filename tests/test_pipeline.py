@@ -165,3 +165,31 @@ def test_config_errors(tmp_path):
         data.make_train_iterator(_cfg(source="folder", folder=root), global_batch_size=2, seed=0)
     with pytest.raises(ValueError, match=r"data.tfds_name is empty"):
         data.make_train_iterator(_cfg(source="tfds"), global_batch_size=2, seed=0)
+
+
+def test_resume_with_other_worker_count_is_a_clear_error(tmp_path):
+    import jax
+    import jax.numpy as jnp
+
+    from artfr_jax.train import checkpoint as ckpt_lib
+
+    state = {"w": jnp.zeros(2)}
+    shardings = {"w": jax.sharding.SingleDeviceSharding(jax.devices()[0])}
+    saved = data.make_train_iterator(_cfg(num_workers=2), global_batch_size=2, seed=0)
+    try:
+        _take(saved, 2)
+        manager = ckpt_lib.make_manager(str(tmp_path), async_save=False)
+        ckpt_lib.save(manager, 2, state, saved, _cfg(num_workers=2))
+        after = _take(saved, 2)
+    finally:
+        saved.close()
+    same = data.make_train_iterator(_cfg(num_workers=2), global_batch_size=2, seed=0)
+    try:
+        _, step = ckpt_lib.restore(manager, state, shardings, same)
+        assert step == 2 and _equal(after, _take(same, 2))
+    finally:
+        same.close()
+    other = data.make_train_iterator(_cfg(num_workers=0), global_batch_size=2, seed=0)
+    with pytest.raises(ValueError, match=r"checkpoints/2/data: .*saved with data.num_workers=2"):
+        ckpt_lib.restore(manager, state, shardings, other)
+    manager.close()

@@ -69,12 +69,44 @@ def restore(
     if step is None:
         return state, None
     target = state_lib.abstract_with_shardings(state_shardings, state)
-    items = {"state": ocp.args.StandardRestore(target)}
+    restored = manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+    )
     if data_iterator is not None:
-        items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    restored = manager.restore(step, args=ocp.args.Composite(**items))
+        _restore_data(manager, step, data_iterator)
     logging.info("Restored checkpoint of step %d from %s", step, manager.directory)
     return restored["state"], step
+
+
+def _saved_worker_count(directory: str) -> str:
+    """Best effort: how many grain worker processes the saved iterator state came from."""
+    try:
+        name = sorted(f for f in os.listdir(directory) if f.endswith(".json"))[0]
+        with open(os.path.join(directory, name)) as f:
+            saved = json.load(f)
+        return str(len(saved.get("iterators_in_use_states", []) or []) or 0)
+    except (OSError, IndexError, ValueError, AttributeError):
+        return "unknown"
+
+
+def _restore_data(manager: ocp.CheckpointManager, step: int, data_iterator: Any) -> None:
+    """Puts the saved grain iterator state into ``data_iterator``, or raises a one-line error.
+
+    The state only fits a pipeline built with the same data settings: grain keeps one position per
+    worker process, so a run saved with ``data.num_workers=2`` cannot continue with 0.
+    """
+    try:
+        manager.restore(
+            step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iterator))
+        )
+    except (KeyError, ValueError, TypeError, IndexError) as e:
+        directory = os.path.join(str(manager.directory), str(step), "data")
+        raise ValueError(
+            f"{directory}: the saved data-iterator state does not fit this run's data pipeline "
+            f"({type(e).__name__}: {e}); it was saved with data.num_workers="
+            f"{_saved_worker_count(directory)} - resume with the data settings (num_workers, "
+            "source, batch size, process count) the run started with"
+        ) from None
 
 
 def restore_state_only(directory: str, state_target: Any, step: int | None = None) -> Any:
