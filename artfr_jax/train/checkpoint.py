@@ -84,7 +84,7 @@ def _saved_worker_count(directory: str) -> str:
         name = sorted(f for f in os.listdir(directory) if f.endswith(".json"))[0]
         with open(os.path.join(directory, name)) as f:
             saved = json.load(f)
-        return str(len(saved.get("iterators_in_use_states", []) or []) or 0)
+        return str(len(saved.get("iterators_in_use_states") or []))  # absent without workers
     except (OSError, IndexError, ValueError, AttributeError):
         return "unknown"
 

@@ -328,7 +328,7 @@ def load_init_params(init_from: str, vqfr: VQFRv1, image_size: int) -> dict | No
         except (FileNotFoundError, ValueError) as e:
             raise type(e)(f"config.init_from: {e}") from None
     other, params, size = load_vqfr(init_from, what="config.init_from")
-    if other != vqfr or size != image_size:
+    if other.clone(remat=vqfr.remat) != vqfr or size != image_size:  # remat leaves params alone
         raise ValueError(
             f"config.init_from={init_from}: its network ({size} px) differs from this config's "
             f"({image_size} px); the model fields must be equal"
