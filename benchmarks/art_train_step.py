@@ -24,7 +24,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from artfr_jax.train import art_trainer, sharding, stage1  # noqa: E402
+from artfr_jax.train import art_trainer, loop, sharding, stage1  # noqa: E402
 from configs import art as art_config  # noqa: E402
 
 # Dense bf16 peak TFLOP/s per chip (vendor data sheets, no sparsity).
@@ -57,12 +57,35 @@ def print_step_report(compile_s, times, n, flops, dev, peak_arg=None) -> None:
         print(line)
 
 
-def print_memory_analysis(compiled) -> None:
-    """XLA's compiled memory analysis per device (``None`` on backends that do not report it)."""
+def available_bytes(device) -> int | None:
+    """Memory a step may use on ``device``: the allocator's free bytes on an accelerator, the
+    host's ``MemAvailable`` on CPU; ``None`` when unknown."""
+    if device.platform != "cpu":
+        stats = device.memory_stats() or {}
+        if "bytes_limit" in stats:
+            return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def print_memory_analysis(compiled, device=None) -> bool:
+    """Prints XLA's compiled memory analysis per device and, for ``device``, what is free.
+
+    Returns False only when the step's new buffers (temp + non-aliased outputs) are known not to fit
+    in what is free (the arguments are already placed), so a benchmark can stop with a line instead
+    of being killed by the OS.
+    """
     mem = compiled.memory_analysis()
     if mem is None:
         print("memory_analysis: not reported by this backend")
-        return
+        return True
     gib = 1 / 2**30
     print(
         "memory_analysis (per device, GiB): "
@@ -72,6 +95,16 @@ def print_memory_analysis(compiled) -> None:
         f"generated_code={mem.generated_code_size_in_bytes * gib:.4f} "
         f"alias={mem.alias_size_in_bytes * gib:.3f}"
     )
+    free = None if device is None else available_bytes(device)
+    if free is None:
+        return True
+    new = mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+    print(f"memory: the step needs {new * gib:.2f} GiB beyond its arguments; {free * gib:.2f} free")
+    if new > free:
+        print(
+            "memory: the step does not fit here; not running it (try --remat or a smaller --batch)"
+        )
+    return new <= free
 
 
 def _override(config, assignment: str):
@@ -143,18 +176,15 @@ def main():
         batch = sharding.global_batch_to_devices(host, mesh)
         repl = sharding.replicated(mesh)
         frozen = jax.device_put(frozen, repl)
-        jitted = jax.jit(
-            step_fn,
-            in_shardings=(shardings, sharding.batch_sharding(mesh), repl, repl),
-            out_shardings=(shardings, repl),
-            donate_argnums=0,
-        )
+        jitted = loop.jit_train_step(step_fn, shardings, mesh)  # as training compiles it
         t0 = time.perf_counter()
         compiled = jitted.lower(state, batch, jax.random.key(0), frozen).compile()
         compile_s = time.perf_counter() - t0
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
         flops = float(cost.get("flops", 0.0)) if cost else 0.0
+        if not print_memory_analysis(compiled, dev):
+            return
         times = []
         for i in range(args.warmup + args.steps):
             t0 = time.perf_counter()

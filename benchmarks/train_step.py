@@ -23,7 +23,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from artfr_jax.losses import perceptual  # noqa: E402
-from artfr_jax.train import sharding, vqgan_trainer  # noqa: E402
+from artfr_jax.train import loop, sharding, vqgan_trainer  # noqa: E402
 from benchmarks.art_train_step import print_memory_analysis  # noqa: E402
 from configs import vqgan as vqgan_config  # noqa: E402
 
@@ -73,20 +73,14 @@ def main():
     host = {"hq": np.random.default_rng(0).integers(0, 256, (n, size, size, 3), dtype=np.uint8)}
     with jax.set_mesh(mesh):
         batch = sharding.global_batch_to_devices(host, mesh)
-        repl = sharding.replicated(mesh)
-        jitted = jax.jit(
-            step_fn,
-            in_shardings=(shardings, sharding.batch_sharding(mesh), repl, repl),
-            out_shardings=(shardings, repl),
-            donate_argnums=0,
-        )
+        jitted = loop.jit_train_step(step_fn, shardings, mesh)  # as training compiles it
         t0 = time.perf_counter()
         lowered = jitted.lower(state, batch, jax.random.key(0), frozen)
         compiled = lowered.compile()
         compile_s = time.perf_counter() - t0
         print(f"compile_time_s={compile_s:.2f}")
-        print_memory_analysis(compiled)
-        if args.memory_only:
+        fits = print_memory_analysis(compiled, jax.devices()[0])
+        if args.memory_only or not fits:
             return
         times = []
         for i in range(args.warmup + args.steps):

@@ -24,7 +24,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from artfr_jax.losses import perceptual  # noqa: E402
-from artfr_jax.train import sharding, vqfr_trainer, vqgan_trainer  # noqa: E402
+from artfr_jax.train import loop, sharding, vqfr_trainer, vqgan_trainer  # noqa: E402
 from benchmarks.art_train_step import print_memory_analysis, print_step_report  # noqa: E402
 from configs import vqfr as vqfr_config  # noqa: E402
 
@@ -94,20 +94,15 @@ def main():
         batch = sharding.global_batch_to_devices(host, mesh)
         repl = sharding.replicated(mesh)
         frozen = jax.device_put(frozen, repl)
-        jitted = jax.jit(
-            step_fn,
-            in_shardings=(shardings, sharding.batch_sharding(mesh), repl, repl),
-            out_shardings=(shardings, repl),
-            donate_argnums=0,  # as in training: the new state reuses the old one's buffers
-        )
+        jitted = loop.jit_train_step(step_fn, shardings, mesh)  # as training compiles it
         t0 = time.perf_counter()
         compiled = jitted.lower(state, batch, jax.random.key(0), frozen).compile()
         compile_s = time.perf_counter() - t0
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
         flops = float(cost.get("flops", 0.0)) if cost else 0.0
-        print_memory_analysis(compiled)
-        if args.memory_only:
+        fits = print_memory_analysis(compiled, dev)
+        if args.memory_only or not fits:
             print(
                 f"compile: {compile_s:.1f} s; flops/step (XLA, per device): {flops / 1e9:.1f} GFLOP"
             )
@@ -121,8 +116,10 @@ def main():
             t0 = time.perf_counter()
             state, metrics = compiled(state, batch, jax.random.key(i), frozen)
             jax.block_until_ready(metrics)
+            dt = time.perf_counter() - t0
+            print(f"{'warm-up' if i < args.warmup else 'timed'} step {i}: {dt:.2f} s", flush=True)
             if i >= args.warmup:
-                times.append(time.perf_counter() - t0)
+                times.append(dt)
     print_step_report(compile_s, times, n, flops, dev, args.peak_tflops)
 
 

@@ -157,3 +157,21 @@ def test_validation_split_reports_lpips(tmp_path):
     result = vqgan_trainer.train_and_evaluate(config, str(tmp_path / "w"))
     assert {"psnr", "ssim", "lpips"} <= set(result) and np.isfinite(result["lpips"])
     assert any("eval/lpips" in r for r in _jsonl(str(tmp_path / "w")))
+
+
+def test_remat_lowers_the_compiled_step_memory():
+    """``model.remat`` must shrink the step the loop compiles, also on CPU, whose XLA pipeline would
+    otherwise erase the barriers and merge the recomputation back (``loop.CPU_COMPILER_OPTIONS``)."""
+    temp = {}
+    for remat in (False, True):
+        config = tiny_config(**{"model.remat": remat})
+        mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
+        stage = vqgan_trainer.make_stage(config)
+        state, shardings = stage.init_state(jax.random.key(0), mesh)
+        batch = next(stage.train_iterator(0, 0, 1))
+        with jax.set_mesh(mesh):
+            batch = sharding.global_batch_to_devices(batch, mesh)
+            step = loop.jit_train_step(stage.train_step, shardings, mesh)
+            compiled = step.lower(state, batch, jax.random.key(1), stage.frozen).compile()
+        temp[remat] = compiled.memory_analysis().temp_size_in_bytes
+    assert temp[True] < 0.8 * temp[False], temp

@@ -179,8 +179,8 @@ class ResnetBlock(nn.Module):
 
 def _block_cls(module) -> type[ResnetBlock]:
     """``ResnetBlock``, recomputed in the backward pass when ``module.remat``: less activation
-    memory at 512 px on GPU/TPU for one extra forward pass of the blocks (no saving on XLA's CPU
-    backend, which drops the barriers that keep the recomputation apart)."""
+    memory at 512 px for one extra forward pass of the blocks (on CPU only in steps compiled by
+    ``train.loop.jit_train_step``, which keeps XLA from merging the recomputation away)."""
     return nn.remat(ResnetBlock) if module.remat else ResnetBlock
 
 

@@ -239,8 +239,8 @@ class VQGAN(nn.Module):
       norm_num_groups, norm_eps, act_fn: GroupNorm groups / epsilon, activation name.
       beta: commitment weight of Eq. 3.
       normalize_codes: l2-normalised code lookup (see ``VectorQuantizer``); off in the paper model.
-      remat: rematerialise residual blocks in the backward pass (saves activation memory on
-        GPU/TPU; XLA's CPU compiler drops the barriers that keep it apart, so it saves nothing there).
+      remat: rematerialise residual blocks in the backward pass (activation memory for one extra
+        forward pass; on CPU only in steps compiled by ``train.loop.jit_train_step``).
       precision: matmul/conv precision for every layer (``None`` = JAX default).
 
     ``__call__(x [B, H, W, in_channels] in [-1, 1]) -> (recon [B, H, W, out_channels], aux)`` with

@@ -56,6 +56,30 @@ class Stage:
     frozen: PyTree = dataclasses.field(default_factory=dict)
 
 
+# XLA's CPU pipeline erases optimisation barriers (pass ``cse_barrier_expander``) before its last
+# CSE pass, which then merges every ``jax.checkpoint`` recomputation back into the forward pass, so
+# remat would save no memory. GPU/TPU pipelines keep the barriers until after CSE by default.
+CPU_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "cse_barrier_expander"}
+
+
+def jit_train_step(step_fn: Callable[..., tuple[Any, dict]], state_shardings: PyTree, mesh):
+    """``jax.jit`` of ``step_fn(state, batch, rng, frozen) -> (state, metrics)`` as training runs it.
+
+    The batch is split over the mesh, rng, frozen arrays and metrics are replicated, the state is
+    donated; on CPU the step keeps its remat barriers (:data:`CPU_COMPILER_OPTIONS`), so
+    ``config.model.remat`` lowers memory there as it does on GPU/TPU.
+    """
+    repl = sharding_lib.replicated(mesh)
+    on_cpu = mesh.devices.flat[0].platform == "cpu"
+    return jax.jit(
+        step_fn,
+        in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh), repl, repl),
+        out_shardings=(state_shardings, repl),
+        donate_argnums=0,
+        compiler_options=CPU_COMPILER_OPTIONS if on_cpu else None,
+    )
+
+
 class _Preemption:
     """Turns SIGTERM into a flag checked between steps."""
 
@@ -208,12 +232,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: S
     repl = sharding_lib.replicated(mesh)
     batch_sh = sharding_lib.batch_sharding(mesh)
     frozen = jax.device_put(stage.frozen, repl)
-    train_fn = jax.jit(
-        stage.train_step,
-        in_shardings=(state_shardings, batch_sh, repl, repl),
-        out_shardings=(state_shardings, repl),
-        donate_argnums=0,
-    )
+    train_fn = jit_train_step(stage.train_step, state_shardings, mesh)
     eval_fn = jax.jit(stage.eval_step, in_shardings=(state_shardings, batch_sh, repl))
     eval_batches = stage.eval_batches() if config.eval_every else []
 
