@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from artfr_jax.models.layers import GroupNorm, LevelBlock, MidBlock, get_activation
+from artfr_jax.models.layers import Conv, GroupNorm, LevelBlock, MidBlock, get_activation
 
 Dtype = Any
 
@@ -145,7 +145,7 @@ class Encoder(nn.Module):
             num_groups=self.norm_num_groups, epsilon=self.norm_eps, act=act, remat=self.remat
         )
         chans = self.block_out_channels
-        x = nn.Conv(chans[0], (3, 3), padding="SAME", name="conv_in", **common)(x)
+        x = Conv(chans[0], (3, 3), padding="SAME", name="conv_in", **common)(x)
         for i, c in enumerate(chans):
             x = LevelBlock(
                 c,
@@ -164,7 +164,7 @@ class Encoder(nn.Module):
             param_dtype=self.param_dtype,
             name="norm_out",
         )(x)
-        x = nn.Conv(self.out_channels, (3, 3), padding="SAME", name="conv_out", **common)(act(x))
+        x = Conv(self.out_channels, (3, 3), padding="SAME", name="conv_out", **common)(act(x))
         return x
 
 
@@ -199,7 +199,7 @@ class Decoder(nn.Module):
         )
         chans = tuple(reversed(self.block_out_channels))
         n = len(chans)
-        x = nn.Conv(chans[0], (3, 3), padding="SAME", name="conv_in", **common)(z)
+        x = Conv(chans[0], (3, 3), padding="SAME", name="conv_in", **common)(z)
         x = MidBlock(add_attention=self.mid_attention, name="mid", **blk, **common)(x)
         for i, c in enumerate(chans):
             x = LevelBlock(
@@ -218,7 +218,7 @@ class Decoder(nn.Module):
             param_dtype=self.param_dtype,
             name="norm_out",
         )(x)
-        x = nn.Conv(self.out_channels, (3, 3), padding="SAME", name="conv_out", **common)(act(x))
+        x = Conv(self.out_channels, (3, 3), padding="SAME", name="conv_out", **common)(act(x))
         return x
 
 
@@ -294,7 +294,7 @@ class VQGAN(nn.Module):
             **arch,
             **common,
         )
-        self.quant_conv = nn.Conv(self.embedding_dim, (1, 1), **common)
+        self.quant_conv = Conv(self.embedding_dim, (1, 1), **common)
         self.quantizer = VectorQuantizer(
             self.num_embeddings,
             self.embedding_dim,
@@ -303,7 +303,7 @@ class VQGAN(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )
-        self.post_quant_conv = nn.Conv(self.latent_channels, (1, 1), **common)
+        self.post_quant_conv = Conv(self.latent_channels, (1, 1), **common)
         self.decoder = Decoder(
             layers_per_block=self.layers_per_block + 1 if dec_layers is None else dec_layers,
             attention_levels=tuple(self.attention_levels if dec_attn is None else dec_attn),
