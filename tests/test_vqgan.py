@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from artfr_jax.models.layers import group_norm
+from artfr_jax.models.layers import group_norm, upsample_nearest2x
 from artfr_jax.models.vqgan import VQGAN, VectorQuantizer, code_usage_stats, nearest_code
 
 TINY = dict(
@@ -240,3 +240,38 @@ def test_group_norm_matches_reference_values_and_gradients():
     gx = jax.grad(lambda x: jnp.sum(ours(x, scale, bias) * w))(x.astype(jnp.bfloat16))
     assert gx.dtype == jnp.bfloat16
     np.testing.assert_allclose(gx.astype(jnp.float32), g_ref[0], atol=0.05)
+
+
+@pytest.mark.parametrize("shape", [(1, 7, 1, 8), (1, 13, 8), (3, 4, 6, 8)])
+def test_group_norm_any_position_count(shape):
+    """Positions are regrouped as N1 x N2 for the reductions (prime counts, rank 3 too)."""
+    x = jax.random.normal(jax.random.key(0), shape) * 2 + 1
+    w = jax.random.normal(jax.random.key(1), shape)
+    ones, zeros = jnp.ones(shape[-1]), jnp.zeros(shape[-1])
+
+    def reference(x):
+        xg = x.reshape(shape[0], -1, 2, shape[-1] // 2)
+        mean, var = xg.mean((1, 3), keepdims=True), xg.var((1, 3), keepdims=True)
+        return ((xg - mean) / jnp.sqrt(var + 1e-6)).reshape(shape)
+
+    ours = lambda x: group_norm(x, ones, zeros, 2, 1e-6)  # noqa: E731
+    np.testing.assert_allclose(ours(x), reference(x), atol=1e-5)
+    np.testing.assert_allclose(
+        jax.grad(lambda x: jnp.sum(ours(x) * w))(x),
+        jax.grad(lambda x: jnp.sum(reference(x) * w))(x),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+
+
+def test_upsample_nearest2x_values_and_gradient():
+    x = jax.random.normal(jax.random.key(0), (2, 3, 5, 4))
+    w = jax.random.normal(jax.random.key(1), (2, 6, 10, 4))
+    reference = lambda x: jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # noqa: E731
+    np.testing.assert_array_equal(upsample_nearest2x(x), reference(x))
+    np.testing.assert_allclose(
+        jax.grad(lambda x: jnp.sum(upsample_nearest2x(x) * w))(x),
+        jax.grad(lambda x: jnp.sum(reference(x) * w))(x),
+        rtol=1e-5,
+        atol=1e-6,
+    )

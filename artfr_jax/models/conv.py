@@ -144,18 +144,18 @@ def weight_grad(
     in_rows = (n_bands * rows - 1) * sh + kh
     in_cols = (wo - 1) * sw + kw
     (pt, pb), (pl, pr) = pads
-    xp = jnp.pad(x, ((0, 0), (pt, max(0, pb)), (pl, max(0, pr)), (0, 0)))
-    xp = xp[:, max(0, -pt) : , max(0, -pl) :]  # negative padding crops
-    xp = xp[:, :in_rows, :in_cols]
+    xp = jnp.pad(x, ((0, 0), (max(0, pt), max(0, pb)), (max(0, pl), max(0, pr)), (0, 0)))
+    xp = xp[:, max(0, -pt) :, max(0, -pl) :][:, :in_rows, :in_cols]  # negative padding crops
     xp = jnp.pad(xp, ((0, 0), (0, in_rows - xp.shape[1]), (0, in_cols - xp.shape[2]), (0, 0)))
     dyp = jnp.pad(dy, ((0, 0), (0, n_bands * rows - ho), (0, 0), (0, 0)))
-    xt = xp.transpose(3, 1, 2, 0)  # [C, rows_in, cols_in, B]: channels as batch, batch as features
     dyt = dyp.transpose(1, 2, 0, 3)  # [Ho, Wo, B, O]: a kernel with B inputs and O outputs
     band_in = (rows - 1) * sh + kh
     acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
 
     def band(i):
-        xs = lax.dynamic_slice_in_dim(xt, i * rows * sh, band_in, 1)
+        # [C, band_in, cols, B]: channels as batch, batch as features. Transposing band by band
+        # is faster on CPU than transposing the whole image once.
+        xs = lax.dynamic_slice_in_dim(xp, i * rows * sh, band_in, 1).transpose(3, 1, 2, 0)
         ds = lax.dynamic_slice_in_dim(dyt, i * rows, rows, 0)
         return lax.conv_general_dilated(
             xs,

@@ -302,11 +302,27 @@ class Downsample(nn.Module):
         return conv(x)
 
 
+@jax.custom_vjp
 def upsample_nearest2x(x: jax.Array) -> jax.Array:
-    """Nearest-neighbour x2 upsampling: ``[B, H, W, C] -> [B, 2H, 2W, C]``."""
+    """Nearest-neighbour x2 upsampling: ``[B, H, W, C] -> [B, 2H, 2W, C]``.
+
+    The backward adds the four strided quarters of ``dy``: XLA:CPU runs that as one elementwise
+    pass, where the reduction autodiff emits took 0.6 s at 512 px inside the VQGAN's backward.
+    """
     b, h, w, c = x.shape
     x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
     return x.reshape(b, 2 * h, 2 * w, c)
+
+
+def _upsample_fwd(x):
+    return upsample_nearest2x(x), None
+
+
+def _upsample_bwd(_, dy):
+    return (dy[:, 0::2, 0::2] + dy[:, 0::2, 1::2] + dy[:, 1::2, 0::2] + dy[:, 1::2, 1::2],)
+
+
+upsample_nearest2x.defvjp(_upsample_fwd, _upsample_bwd)
 
 
 class Upsample(nn.Module):
