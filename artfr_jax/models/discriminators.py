@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from artfr_jax.models.layers import Conv
+
 Dtype = Any
 
 NORMS = ("group", "instance", "none")
@@ -68,7 +70,7 @@ class PatchDiscriminator(nn.Module):
         use_norm = self.norm != "none"
 
         def conv(features: int, stride: int, idx: int, bias: bool) -> nn.Conv:
-            return nn.Conv(
+            return Conv(
                 features,
                 (4, 4),
                 strides=(stride, stride),

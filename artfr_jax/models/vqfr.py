@@ -41,7 +41,7 @@ import numpy as np
 from flax import linen as nn
 
 from artfr_jax.models.deform_conv import deform_conv2d
-from artfr_jax.models.layers import GroupNorm
+from artfr_jax.models.layers import Conv, GroupNorm
 from artfr_jax.models.vqgan import code_usage_stats, nearest_code
 
 Dtype = Any
@@ -134,7 +134,7 @@ def _check_levels(
 
 def _conv(features, k, name, module, *, groups=1) -> nn.Conv:
     """A k x k conv (padding k // 2, the release's init) with ``module``'s dtype fields."""
-    return nn.Conv(
+    return Conv(
         features,
         (k, k),
         padding=k // 2,
@@ -330,8 +330,8 @@ class VQQuantizer(nn.Module):
             param_dtype=self.param_dtype,
             precision=self.precision,
         )
-        self.quant_conv = nn.Conv(self.embedding_dim, (1, 1), **common)
-        self.post_quant_conv = nn.Conv(self.in_dim, (1, 1), **common)
+        self.quant_conv = Conv(self.embedding_dim, (1, 1), **common)
+        self.post_quant_conv = Conv(self.in_dim, (1, 1), **common)
         self.embedding = self.param(
             "embedding",
             lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -1.0 / k, 1.0 / k),
