@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import statistics
-import time
 
 import jax
 import jax.extend
@@ -25,7 +23,7 @@ from jax import lax
 from artfr_jax.convert import diffusers_vq
 from artfr_jax.models import conv
 from artfr_jax.models.vqgan import VQGAN
-from benchmarks.vqgan_vs_diffusers import CONFIGS, diffusers_config
+from benchmarks.vqgan_vs_diffusers import CONFIGS, diffusers_config, timed
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -55,13 +53,38 @@ def conv_shapes(model, x) -> collections.Counter:
 
 
 def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+    return timed({"fn": fn}, warmup=1, repeats=repeats)["fn"]["median"] * 1e3
+
+
+def time_shape(xs, ws, strides, pads, repeats: int, rng) -> dict:
+    """Median ms of XLA's, the banded and (if installed) torch's weight gradient for one shape."""
+    x = jnp.asarray(rng.standard_normal(xs, np.float32))
+    w = jnp.asarray(rng.standard_normal(ws, np.float32) * 0.05)
+
+    def conv_of(w_):
+        return lax.conv_general_dilated(x, w_, strides, pads, dimension_numbers=DN)
+
+    dy = conv_of(w)
+    xla = jax.jit(lambda dy: jax.vjp(conv_of, w)[1](dy)[0])
+    banded = jax.jit(lambda x, dy: conv.weight_grad(x, dy, ws, strides, pads))
+    ref = np.asarray(xla(dy))
+    err = np.abs(np.asarray(banded(x, dy)) - ref).max() / np.abs(ref).max()
+    assert err < 1e-4, f"banded weight gradient differs from XLA's: {err:.1e} of max"
+    t = {
+        "xla": median_ms(lambda: xla(dy).block_until_ready(), repeats),
+        "banded": median_ms(lambda: banded(x, dy).block_until_ready(), repeats),
+    }
+    try:
+        import torch
+        from torch.nn.grad import conv2d_weight
+    except ImportError:
+        return t
+    xt = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())
+    dyt = torch.from_numpy(np.asarray(dy).transpose(0, 3, 1, 2).copy())
+    xt = torch.nn.functional.pad(xt, (pads[1][0], pads[1][1], pads[0][0], pads[0][1]))
+    wshape = (ws[3], ws[2], ws[0], ws[1])
+    t["torch"] = median_ms(lambda: conv2d_weight(xt, wshape, dyt, stride=strides), repeats)
+    return t
 
 
 def main():
@@ -71,11 +94,6 @@ def main():
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
-    try:
-        import torch
-        from torch.nn.grad import conv2d_weight
-    except ImportError:
-        torch = None
     model = VQGAN(**diffusers_vq.vqgan_kwargs_from_diffusers_config(diffusers_config(args.config)))
     shapes = conv_shapes(model, jnp.zeros((args.batch, args.size, args.size, 3)))
     print(
@@ -85,28 +103,12 @@ def main():
     totals = collections.Counter()
     rng = np.random.default_rng(0)
     for (xs, ws, strides, pads), count in sorted(shapes.items(), key=lambda kv: -np.prod(kv[0][0])):
-        x = jnp.asarray(rng.standard_normal(xs, np.float32))
-        w = jnp.asarray(rng.standard_normal(ws, np.float32) * 0.05)
-        dy = lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=DN)
-        xla = jax.jit(lambda x, dy: jax.vjp(lambda w_: lax.conv_general_dilated(
-            x, w_, strides, pads, dimension_numbers=DN), w)[1](dy)[0])
-        banded = jax.jit(lambda x, dy: conv.weight_grad(x, dy, ws, strides, pads))
-        ref = np.asarray(xla(x, dy))
-        err = np.abs(np.asarray(banded(x, dy)) - ref).max() / np.abs(ref).max()
-        assert err < 1e-4, f"banded weight gradient differs from XLA's: {err:.1e} of max"
-        t = {
-            "xla": median_ms(lambda: xla(x, dy).block_until_ready(), args.repeats),
-            "banded": median_ms(lambda: banded(x, dy).block_until_ready(), args.repeats),
-        }
-        if torch is not None:
-            xt = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())
-            dyt = torch.from_numpy(np.asarray(dy).transpose(0, 3, 1, 2).copy())
-            xt = torch.nn.functional.pad(xt, (pads[1][0], pads[1][1], pads[0][0], pads[0][1]))
-            wshape = (ws[3], ws[2], ws[0], ws[1])
-            t["torch"] = median_ms(lambda: conv2d_weight(xt, wshape, dyt, stride=strides), args.repeats)
+        t = time_shape(xs, ws, strides, pads, args.repeats, rng)
         for k, v in t.items():
             totals[k] += count * v
-        rows = conv.band_rows(dy.shape[0], dy.shape[1], dy.shape[2])
+        out_h = (xs[1] + sum(pads[0]) - ws[0]) // strides[0] + 1
+        out_w = (xs[2] + sum(pads[1]) - ws[1]) // strides[1] + 1
+        rows = conv.band_rows(xs[0], out_h, out_w)
         print(
             f"  {count:2d}x x{xs} w{ws} s{strides[0]} rows/band {rows:3d}: "
             + "  ".join(f"{k} {v:8.1f}" for k, v in t.items())

@@ -35,8 +35,9 @@ def _data(b, h, w, c, o, k, seed=0):
 def test_weight_grad_matches_xla(case, rows):
     b, h, w, c, o, k, s, pad = case
     x, kernel = _data(b, h, w, c, o, k)
-    y, vjp = jax.vjp(lambda k_: lax.conv_general_dilated(x, k_, (s, s), pad, dimension_numbers=DN),
-                     kernel)
+    y, vjp = jax.vjp(
+        lambda k_: lax.conv_general_dilated(x, k_, (s, s), pad, dimension_numbers=DN), kernel
+    )
     dy = jnp.cos(y)
     pads = lax.padtype_to_pads(x.shape[1:3], (k, k), (s, s), pad) if isinstance(pad, str) else pad
     got = conv.weight_grad(x, dy, kernel.shape, (s, s), tuple(map(tuple, pads)), rows=rows)
@@ -54,18 +55,27 @@ def test_conv_values_and_gradients_match_lax(case):
 
     ours, ref = loss(conv.conv_general_dilated), loss(lax.conv_general_dilated)
     np.testing.assert_allclose(ours(x, kernel), ref(x, kernel), rtol=1e-5)
-    for got, want in zip(jax.jit(jax.grad(ours, (0, 1)))(x, kernel), jax.grad(ref, (0, 1))(x, kernel)):
+    got_grads = jax.jit(jax.grad(ours, (0, 1)))(x, kernel)
+    for got, want in zip(got_grads, jax.grad(ref, (0, 1))(x, kernel), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_banded_path_is_taken_on_cpu_and_only_for_plain_convs():
     x, kernel = _data(1, 8, 8, 2, 3, 3)
     dn = lax.conv_dimension_numbers(x.shape, kernel.shape, DN)
-    jaxpr = str(jax.make_jaxpr(lambda k_: conv.conv_general_dilated(
-        x, k_, (1, 1), "SAME", dimension_numbers=dn))(kernel))
+    jaxpr = str(
+        jax.make_jaxpr(
+            lambda k_: conv.conv_general_dilated(x, k_, (1, 1), "SAME", dimension_numbers=dn)
+        )(kernel)
+    )
     assert ("custom_vjp" in jaxpr) == conv.banded_backend()
-    dilated = str(jax.make_jaxpr(lambda k_: conv.conv_general_dilated(
-        x, k_, (1, 1), "SAME", rhs_dilation=(2, 2), dimension_numbers=dn))(kernel))
+    dilated = str(
+        jax.make_jaxpr(
+            lambda k_: conv.conv_general_dilated(
+                x, k_, (1, 1), "SAME", rhs_dilation=(2, 2), dimension_numbers=dn
+            )
+        )(kernel)
+    )
     assert "custom_vjp" not in dilated
 
 
@@ -75,7 +85,9 @@ def test_second_order_gradients_match_lax():
     dn = lax.conv_dimension_numbers(x.shape, kernel.shape, DN)
 
     def r1(k_, fn):
-        g = jax.grad(lambda x_: jnp.sum(jnp.tanh(fn(x_, k_, (1, 1), "SAME", dimension_numbers=dn))))(x)
+        g = jax.grad(
+            lambda x_: jnp.sum(jnp.tanh(fn(x_, k_, (1, 1), "SAME", dimension_numbers=dn)))
+        )(x)
         return jnp.sum(g**2)
 
     np.testing.assert_allclose(

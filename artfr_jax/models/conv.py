@@ -17,7 +17,8 @@ of output rows, each band a small convolution in XLA:CPU's native NHWC/HWIO layo
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
