@@ -23,6 +23,12 @@ CASES = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _band_small_convs(monkeypatch):
+    """The tests' convolutions are tiny; take the banded path for them anyway."""
+    monkeypatch.setattr(conv, "MIN_BANDED_POSITIONS", 0)
+
+
 def _data(b, h, w, c, o, k, seed=0):
     rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.standard_normal((b, h, w, c)), jnp.float32)
@@ -77,6 +83,18 @@ def test_banded_path_is_taken_on_cpu_and_only_for_plain_convs():
         )(kernel)
     )
     assert "custom_vjp" not in dilated
+
+
+def test_small_convs_keep_xla_weight_gradient(monkeypatch):
+    x, kernel = _data(1, 8, 8, 2, 3, 3)
+    dn = lax.conv_dimension_numbers(x.shape, kernel.shape, DN)
+    monkeypatch.setattr(conv, "MIN_BANDED_POSITIONS", 8 * 8 + 1)
+    jaxpr = str(
+        jax.make_jaxpr(
+            lambda k_: conv.conv_general_dilated(x, k_, (1, 1), "SAME", dimension_numbers=dn)
+        )(kernel)
+    )
+    assert "custom_vjp" not in jaxpr
 
 
 def test_second_order_gradients_match_lax():
