@@ -9,7 +9,9 @@ outputs agree). Reports the median (and min) over ``--repeats`` interleaved time
   forward+backward: gradient of mean(reconstruction) with respect to all parameters
 and, for JAX, the compile time of each function separately. Targets (issue): JAX/torch ratio
 <= 0.7 forward and <= 0.9 forward+backward. torch and JAX both run with their default thread
-counts unless ``--torch_threads`` is given.
+counts unless ``--torch_threads`` is given. Both run in one process, so both get the host
+allocator setting of ``artfr_jax.utils.host_memory`` (``ARTFR_JAX_HOST_MALLOC=system`` to compare
+with glibc's defaults).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import numpy as np  # noqa: E402
 
 from artfr_jax.convert import diffusers_vq  # noqa: E402
 from artfr_jax.models.vqgan import VQGAN  # noqa: E402
+from artfr_jax.utils import host_memory  # noqa: E402
 
 CONFIGS = {
     "smoke": dict(
@@ -115,7 +118,8 @@ def main(argv=None) -> None:
     n_params = sum(p.numel() for p in tm.parameters())
     print(
         f"config={args.config} batch={args.batch} size={args.size} params={n_params / 1e6:.2f}M "
-        f"torch_threads={torch.get_num_threads()} jax_devices={jax.devices()} remat={args.remat}"
+        f"torch_threads={torch.get_num_threads()} jax_devices={jax.devices()} remat={args.remat} "
+        f"host_malloc={'retain' if host_memory.retain_freed_memory() else 'system'} (both frameworks)"
     )
 
     fwd = jax.jit(lambda v, x: model.apply(v, x)[0])

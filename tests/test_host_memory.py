@@ -1,0 +1,68 @@
+"""The host allocator setting that keeps XLA:CPU's per-run buffers mapped (utils/host_memory.py).
+
+Each case runs in a fresh interpreter: the setting only takes effect before JAX's first computation.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+# A jitted function with 128 MiB of temporary buffers (the loop's carry); prints the minor page faults
+# of each of its runs. XLA may free a run's buffer after the next run has allocated its own, so
+# the retained heap settles only after a few runs.
+_PROBE = textwrap.dedent(
+    """
+    import json, resource
+    import artfr_jax
+    from artfr_jax.utils import host_memory
+    import jax, jax.numpy as jnp
+
+    f = jax.jit(lambda x: jnp.sum(jax.lax.fori_loop(0, 2, lambda i, y: jnp.sin(y)[::-1], x)))
+    x = jnp.ones((4096, 4096), jnp.float32)
+    faults = []
+    for _ in range(12):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        f(x).block_until_ready()
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    print(json.dumps({"applied": host_memory.retain_freed_memory(), "faults": faults}))
+    """
+)
+_TEMP_PAGES = 4096 * 4096 * 4 // 4096
+
+
+def _probe(setting: str) -> dict:
+    env = dict(os.environ, ARTFR_JAX_HOST_MALLOC=setting, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = ""
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+linux_glibc = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None,
+    reason="the setting applies to glibc on Linux",
+)
+
+
+@linux_glibc
+def test_retained_memory_is_not_faulted_in_again():
+    retained, system = _probe("retain"), _probe("system")
+    assert retained["applied"] and not system["applied"]
+    # glibc's defaults map the buffers afresh at each run: every page faults again.
+    assert min(system["faults"][-6:]) >= _TEMP_PAGES // 2, system
+    assert min(retained["faults"][-6:]) < _TEMP_PAGES // 20, retained
+
+
+def test_unknown_setting_is_a_clear_error():
+    env = dict(os.environ, ARTFR_JAX_HOST_MALLOC="jemalloc")
+    out = subprocess.run(
+        [sys.executable, "-c", "import artfr_jax"], env=env, capture_output=True, text=True
+    )
+    assert out.returncode != 0
+    assert "ARTFR_JAX_HOST_MALLOC='jemalloc': expected 'retain' or 'system'" in out.stderr
