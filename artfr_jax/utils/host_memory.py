@@ -4,7 +4,7 @@ XLA:CPU allocates an executable's temporary buffer with ``malloc`` at each run a
 (5.4 GB for a 512-px VQGAN training step, 1.3 GB at 256 px). glibc serves blocks that large from
 ``mmap`` -- always, for the worker threads' arenas -- and unmaps them on ``free``, so every step
 faults every page in again and the kernel zeroes it. At 512 px that was 1.4 million page faults
-and 11-13 s of system time per step: 25 s of wall time on 2 cores instead of 15 s
+and 11-13 s of system time per step: about 25 s of wall time on 2 cores instead of 15-18 s
 (``benchmarks/vqgan_vs_diffusers.py``, run with and without ``ARTFR_JAX_HOST_MALLOC=system``).
 
 ``retain_freed_memory`` switches glibc to one arena grown with ``brk``, no ``mmap`` and no
