@@ -15,6 +15,8 @@ import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from artfr_jax.utils import host_memory  # noqa: E402
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Python config file (configs/NAME.py[:VARIANT]).")
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
@@ -51,4 +53,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    host_memory.retain_freed_memory()
     app.run(main)

@@ -1,0 +1,9 @@
+"""Timing scripts (``python -m benchmarks.NAME``).
+
+They run with the host allocator setting of the ``main`` and ``restore`` commands
+(``artfr_jax/utils/host_memory.py``; ``ARTFR_JAX_HOST_MALLOC=system`` for glibc's defaults).
+"""
+
+from artfr_jax.utils import host_memory as _host_memory
+
+_host_memory.retain_freed_memory()

@@ -1,6 +1,7 @@
 """The host allocator setting that keeps XLA:CPU's per-run buffers mapped (utils/host_memory.py).
 
 Each case runs in a fresh interpreter: the setting only takes effect before JAX's first computation.
+The main command applies it; importing the package does not.
 """
 
 import json
@@ -17,8 +18,8 @@ import pytest
 _PROBE = textwrap.dedent(
     """
     import json, resource
-    import artfr_jax
     from artfr_jax.utils import host_memory
+    applied = host_memory.retain_freed_memory()
     import jax, jax.numpy as jnp
 
     f = jax.jit(lambda x: jnp.sum(jax.lax.fori_loop(0, 2, lambda i, y: jnp.sin(y)[::-1], x)))
@@ -28,7 +29,7 @@ _PROBE = textwrap.dedent(
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         f(x).block_until_ready()
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    print(json.dumps({"applied": host_memory.retain_freed_memory(), "faults": faults}))
+    print(json.dumps({"applied": applied, "faults": faults}))
     """
 )
 _TEMP_PAGES = 4096 * 4096 * 4 // 4096
@@ -62,7 +63,17 @@ def test_retained_memory_is_not_faulted_in_again():
 def test_unknown_setting_is_a_clear_error():
     env = dict(os.environ, ARTFR_JAX_HOST_MALLOC="jemalloc")
     out = subprocess.run(
-        [sys.executable, "-c", "import artfr_jax"], env=env, capture_output=True, text=True
+        [sys.executable, "-m", "artfr_jax.main", "--help"], env=env, capture_output=True, text=True
     )
     assert out.returncode != 0
     assert "ARTFR_JAX_HOST_MALLOC='jemalloc': expected 'retain' or 'system'" in out.stderr
+
+
+def test_importing_the_package_leaves_the_allocator_alone():
+    code = (
+        "import artfr_jax.train.loop, artfr_jax.restore\n"
+        "from artfr_jax.utils import host_memory\n"
+        "assert host_memory._applied is None, host_memory._applied\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]

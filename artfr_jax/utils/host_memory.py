@@ -8,11 +8,13 @@ and 11-13 s of system time per step: about 25 s of wall time on 2 cores instead 
 (``benchmarks/vqgan_vs_diffusers.py``, run with and without ``ARTFR_JAX_HOST_MALLOC=system``).
 
 ``retain_freed_memory`` switches glibc to one arena grown with ``brk``, no ``mmap`` and no
-trimming: a freed block stays mapped and the next step reuses it. The price is that the process
-keeps its peak heap size until it exits, which is what a training or restoration process does
-anyway. It must run before JAX's first computation (the backend's threads pick their arena
-then); ``import artfr_jax`` calls it. ``ARTFR_JAX_HOST_MALLOC=system`` in the environment leaves
-the C library's defaults alone.
+trimming: a freed block stays mapped and the next step reuses it. It has two costs. The process
+keeps its peak heap until it exits. And XLA compiles more slowly with every thread allocating
+from one arena: a paper-VQGAN gradient at 128 px took 10-14 s to compile instead of 7 s. So the
+long-running commands (``python -m artfr_jax.main``, ``python -m artfr_jax.restore``) and the
+benchmarks turn it on, and importing the package does not; in a notebook, call it before the
+first JAX computation (the backend's threads pick their arena then; later calls change nothing
+for them). ``ARTFR_JAX_HOST_MALLOC=system`` in the environment leaves glibc's defaults alone.
 """
 
 from __future__ import annotations
