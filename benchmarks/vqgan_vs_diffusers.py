@@ -93,6 +93,8 @@ def main(argv=None) -> None:
     p.add_argument("--torch_threads", type=int, default=0, help="0 = torch default")
     p.add_argument("--skip_torch", action="store_true")
     args = p.parse_args(argv)
+    # Before JAX's first computation; also when run as a script, outside the benchmarks package.
+    host_malloc = "retain" if host_memory.retain_freed_memory() else "system"
 
     from tests.torch_compat import register_torchvision_schemas
 
@@ -119,7 +121,7 @@ def main(argv=None) -> None:
     print(
         f"config={args.config} batch={args.batch} size={args.size} params={n_params / 1e6:.2f}M "
         f"torch_threads={torch.get_num_threads()} jax_devices={jax.devices()} remat={args.remat} "
-        f"host_malloc={'retain' if host_memory.retain_freed_memory() else 'system'} (both frameworks)"
+        f"host_malloc={host_malloc} (both frameworks)"
     )
 
     fwd = jax.jit(lambda v, x: model.apply(v, x)[0])

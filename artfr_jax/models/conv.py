@@ -8,7 +8,7 @@ Why: for ``dL/dw`` XLA emits one convolution whose window is the whole output im
 contraction runs over batch x height x width. XLA:CPU's kernel for that shape slows down sharply as
 the contraction grows: at 512 px its weight gradients took 5x torch's time and made a VQGAN training
 step 2.3x slower than diffusers' (``benchmarks/vqgan_vs_diffusers.py``), while its forward and
-input-gradient convolutions were faster than torch's. Here the weight gradient is a sum over bands
+input-gradient convolutions run at about torch's speed. Here the weight gradient is a sum over bands
 of output rows, each band a small convolution in XLA:CPU's native NHWC/HWIO layout, looped with
 ``lax.scan`` so the program stays small; 1x1 convolutions are matmuls over channels.
 ``benchmarks/conv_weight_grad.py`` times XLA's and the banded weight gradient per shape.
