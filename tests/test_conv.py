@@ -125,3 +125,54 @@ def test_conv_module_has_nn_conv_parameters_and_results():
     g_ours = jax.grad(lambda p: jnp.sum(ours.apply(p, x) ** 2))(params)
     g_ref = jax.grad(lambda p: jnp.sum(ref.apply(p, x) ** 2))(params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), g_ours, g_ref)
+
+
+def _upsample_then_conv(x, kernel):
+    up = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    return lax.conv_general_dilated(up, kernel, (1, 1), "SAME", dimension_numbers=DN)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7, 3, 4), (1, 8, 8, 6, 2), (1, 1, 3, 2, 5)])
+def test_upsample2x_conv_equals_upsample_then_conv(shape):
+    """The four 2x2 phase convolutions equal nearest x2 + 3x3 SAME conv, with their gradients."""
+    b, h, w, c, o = shape
+    x, kernel = _data(b, h, w, c, o, 3, seed=h)
+    cot = jnp.asarray(np.random.default_rng(1).standard_normal((b, 2 * h, 2 * w, o)), jnp.float32)
+    ours = lambda x_, k_: conv.upsample2x_conv(x_, k_, (1, 1), "SAME", dimension_numbers=DN)  # noqa: E731
+    np.testing.assert_allclose(
+        ours(x, kernel), _upsample_then_conv(x, kernel), rtol=1e-5, atol=1e-5
+    )
+    loss = lambda f: lambda x_, k_: jnp.sum(f(x_, k_) * cot)  # noqa: E731
+    g_ours = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(x, kernel)
+    g_ref = jax.grad(loss(_upsample_then_conv), argnums=(0, 1))(x, kernel)
+    for a, r in zip(g_ours, g_ref, strict=True):
+        np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-4)
+
+
+def test_upsample2x_conv_rejects_other_convolutions():
+    x, kernel = _data(1, 4, 4, 2, 2, 3)
+    with pytest.raises(ValueError, match="3x3 NHWC/HWIO kernel, stride 1, SAME"):
+        conv.upsample2x_conv(x, kernel, (2, 2), "SAME", dimension_numbers=DN)
+    with pytest.raises(ValueError, match=r"got kernel \(1, 1, 2, 2\)"):
+        conv.upsample2x_conv(x, kernel[:1, :1], (1, 1), "SAME", dimension_numbers=DN)
+
+
+def test_upsample_module_keeps_conv_parameters():
+    """``Upsample`` keeps the parameters of nearest x2 + ``nn.Conv`` (checkpoints and converters)."""
+    from artfr_jax.models.layers import Upsample
+
+    x, _ = _data(2, 4, 6, 3, 5, 3)
+    params = Upsample(out_channels=5).init(jax.random.key(0), x)
+    ref = nn.Conv(5, (3, 3))
+    assert jax.tree.structure(params["params"]["conv"]) == jax.tree.structure(
+        ref.init(jax.random.key(0), x)["params"]
+    )
+    p = params["params"]["conv"]
+    p = {"kernel": p["kernel"], "bias": jnp.arange(5.0)}
+    up = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    np.testing.assert_allclose(
+        Upsample(out_channels=5).apply({"params": {"conv": p}}, x),
+        ref.apply({"params": p}, up),
+        rtol=1e-5,
+        atol=1e-5,
+    )

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from artfr_jax.models.layers import group_norm, upsample_nearest2x
+from artfr_jax.models.layers import group_norm
 from artfr_jax.models.vqgan import VQGAN, VectorQuantizer, code_usage_stats, nearest_code
 
 TINY = dict(
@@ -261,17 +261,4 @@ def test_group_norm_any_position_count(shape):
         jax.grad(lambda x: jnp.sum(reference(x) * w))(x),
         rtol=1e-4,
         atol=1e-5,
-    )
-
-
-def test_upsample_nearest2x_values_and_gradient():
-    x = jax.random.normal(jax.random.key(0), (2, 3, 5, 4))
-    w = jax.random.normal(jax.random.key(1), (2, 6, 10, 4))
-    reference = lambda x: jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # noqa: E731
-    np.testing.assert_array_equal(upsample_nearest2x(x), reference(x))
-    np.testing.assert_allclose(
-        jax.grad(lambda x: jnp.sum(upsample_nearest2x(x) * w))(x),
-        jax.grad(lambda x: jnp.sum(reference(x) * w))(x),
-        rtol=1e-5,
-        atol=1e-6,
     )
