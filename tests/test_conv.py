@@ -177,3 +177,22 @@ def test_upsample_module_keeps_conv_parameters():
         rtol=1e-5,
         atol=1e-5,
     )
+
+
+def test_upsample2x_conv_with_preferred_element_type():
+    """bfloat16 operands with a float32 result (``preferred_element_type``), gradients included."""
+    x, kernel = _data(1, 4, 5, 3, 2, 3)
+    xb, kb = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
+    f = lambda x_, k_: conv.upsample2x_conv(  # noqa: E731
+        x_, k_, dimension_numbers=DN, preferred_element_type=jnp.float32
+    )
+    assert f(xb, kb).dtype == jnp.float32
+    ref = _upsample_then_conv(xb.astype(jnp.float32), kb.astype(jnp.float32))
+    np.testing.assert_allclose(f(xb, kb), ref, rtol=2e-2, atol=5e-2)
+    gx, gk = jax.grad(lambda x_, k_: jnp.sum(f(x_, k_)), argnums=(0, 1))(xb, kb)
+    assert gx.dtype == gk.dtype == jnp.bfloat16
+    rx, rk = jax.grad(lambda x_, k_: jnp.sum(_upsample_then_conv(x_, k_)), argnums=(0, 1))(
+        xb.astype(jnp.float32), kb.astype(jnp.float32)
+    )
+    np.testing.assert_allclose(gx.astype(jnp.float32), rx, rtol=2e-2, atol=1e-1)
+    np.testing.assert_allclose(gk.astype(jnp.float32), rk, rtol=2e-2, atol=1e-1)

@@ -302,7 +302,7 @@ def _phase_bwd(precision, preferred_element_type, res, dz):
     (dxp,) = jax.linear_transpose(
         lambda x_: _phase_plain(x_, k, precision, preferred_element_type),
         jax.ShapeDtypeStruct(xp.shape, xp.dtype),
-    )(dz.astype(jnp.result_type(xp, k)) if preferred_element_type is not None else dz)
+    )(dz)
     b, hp, wp, c = xp.shape
     patches = jnp.concatenate(
         [xp[:, r : r + hp - 1, s : s + wp - 1] for r in (0, 1) for s in (0, 1)], axis=-1
