@@ -45,6 +45,7 @@ from artfr_jax.evaluation import (
     testset,  # noqa: E402
 )
 from artfr_jax.utils import cli as cli_lib  # noqa: E402
+from artfr_jax.utils import compile_cache  # noqa: E402
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -221,6 +222,7 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues | None = None) -> in
 def cli(argv: list[str] | None = None) -> None:
     """``python -m artfr_jax.evaluate``."""
     define_flags()
+    compile_cache.enable_persistent_cache()
     app.run(main, argv=argv, flags_parser=cli_lib.parse_flags)
 
 

@@ -15,7 +15,7 @@ import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from artfr_jax.utils import host_memory  # noqa: E402
+from artfr_jax.utils import compile_cache, host_memory  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Python config file (configs/NAME.py[:VARIANT]).")
@@ -41,6 +41,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     config = FLAGS.config
+    logging.info("XLA compilation cache: %s", compile_cache.enable_persistent_cache() or "off")
     if config.get("distributed", False):
         jax.distributed.initialize()
     logging.info(

@@ -57,8 +57,8 @@ from tqdm import tqdm  # noqa: E402
 
 from artfr_jax.data import sources  # noqa: E402
 from artfr_jax.utils import cli as cli_lib  # noqa: E402
+from artfr_jax.utils import compile_cache, host_memory  # noqa: E402
 from artfr_jax.utils import files as files_lib  # noqa: E402
-from artfr_jax.utils import host_memory  # noqa: E402
 from artfr_jax.utils import images as images_lib  # noqa: E402
 
 SIDE_BY_SIDE_DIR = "side_by_side"
@@ -518,6 +518,7 @@ def cli(argv: list[str] | None = None) -> None:
     """``python -m artfr_jax.restore``: defines the flags on ``flags.FLAGS`` and runs :func:`main`."""
     define_flags()
     host_memory.retain_freed_memory()
+    compile_cache.enable_persistent_cache()
     # OpenCV's own warning for a broken file would duplicate the one-line report.
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
     app.run(main, argv=argv, flags_parser=cli_lib.parse_flags)

@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 
 from artfr_jax.convert import diffusers_vq  # noqa: E402
 from artfr_jax.models.vqgan import VQGAN  # noqa: E402
-from artfr_jax.utils import host_memory  # noqa: E402
+from artfr_jax.utils import compile_cache, host_memory  # noqa: E402
 
 CONFIGS = {
     "smoke": dict(
@@ -95,6 +95,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     # Before JAX's first computation; also when run as a script, outside the benchmarks package.
     host_malloc = "retain" if host_memory.retain_freed_memory() else "system"
+    compile_cache.disable_persistent_cache()
 
     from tests.torch_compat import register_torchvision_schemas
 

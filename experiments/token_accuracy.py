@@ -33,6 +33,7 @@ from artfr_jax.data import degradations  # noqa: E402
 from artfr_jax.evaluation import metrics as metrics_lib  # noqa: E402
 from artfr_jax.train import art_trainer, loop, stage1  # noqa: E402
 from artfr_jax.train import checkpoint as ckpt_lib  # noqa: E402
+from artfr_jax.utils import compile_cache  # noqa: E402
 
 
 def level_params(cfg: ml_collections.ConfigDict, s: float) -> degradations.DegradationParams:
@@ -179,6 +180,7 @@ def main():
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=None, help="default: the run's T")
     args = parser.parse_args()
+    compile_cache.enable_persistent_cache()
     levels = [float(v) for v in args.levels.split(",")]
     run(
         args.workdir,
