@@ -92,7 +92,21 @@ def main(argv=None) -> None:
     p.add_argument("--remat", action="store_true", help="JAX: rematerialise residual blocks")
     p.add_argument("--torch_threads", type=int, default=0, help="0 = torch default")
     p.add_argument("--skip_torch", action="store_true")
+    p.add_argument(
+        "--compiler_option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="XLA option for the JAX programs, e.g. xla_cpu_experimental_ynn_fusion_type= "
+        "(XLA:CPU's own convolution kernels instead of YNNPACK's); repeatable",
+    )
     args = p.parse_args(argv)
+    options = {}
+    for item in args.compiler_option:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            p.error(f"--compiler_option {item!r}: expected NAME=VALUE")
+        options[name] = value
     # Before JAX's first computation; also when run as a script, outside the benchmarks package.
     host_malloc = "retain" if host_memory.retain_freed_memory() else "system"
     compile_cache.disable_persistent_cache()
@@ -122,17 +136,17 @@ def main(argv=None) -> None:
     print(
         f"config={args.config} batch={args.batch} size={args.size} params={n_params / 1e6:.2f}M "
         f"torch_threads={torch.get_num_threads()} jax_devices={jax.devices()} remat={args.remat} "
-        f"host_malloc={host_malloc} (both frameworks)"
+        f"host_malloc={host_malloc} (both frameworks) xla_options={options}"
     )
 
     fwd = jax.jit(lambda v, x: model.apply(v, x)[0])
     grad = jax.jit(jax.grad(lambda v, x: jnp.mean(model.apply(v, x)[0])))
     variables = {"params": params}
     t = time.perf_counter()
-    fwd_c = fwd.lower(variables, x).compile()
+    fwd_c = fwd.lower(variables, x).compile(compiler_options=options or None)
     c_fwd = time.perf_counter() - t
     t = time.perf_counter()
-    grad_c = grad.lower(variables, x).compile()
+    grad_c = grad.lower(variables, x).compile(compiler_options=options or None)
     c_grad = time.perf_counter() - t
     run_fwd = lambda: jax.block_until_ready(fwd_c(variables, x))  # noqa: E731
     run_grad = lambda: jax.block_until_ready(grad_c(variables, x))  # noqa: E731
