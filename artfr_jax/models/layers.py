@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from artfr_jax.models import attention as attention_lib
 from artfr_jax.models import conv as conv_lib
 
 Dtype = Any
@@ -232,7 +233,8 @@ class AttentionBlock(nn.Module):
     """Spatial self-attention with group norm and residual connection (VQGAN ``AttnBlock``).
 
     ``x + out(softmax(q k^T / sqrt(d)) v)`` over the ``H*W`` positions, with ``q, k, v`` linear maps
-    of ``norm(x)``. Softmax is computed in float32.
+    of ``norm(x)``. Softmax is computed in float32; on the CPU long sequences take query blocks
+    (``models/attention.py``).
 
     Attributes:
       num_heads: attention heads; the VQGAN uses one head of width C.
@@ -269,9 +271,7 @@ class AttentionBlock(nn.Module):
         q = dense("q")(y).reshape(b, h * w, self.num_heads, d)
         k = dense("k")(y).reshape(b, h * w, self.num_heads, d)
         v = dense("v")(y).reshape(b, h * w, self.num_heads, d)
-        logits = jnp.einsum("bqnd,bknd->bnqk", q, k, precision=self.precision)
-        weights = jax.nn.softmax(logits.astype(jnp.float32) * (d**-0.5), axis=-1)
-        o = jnp.einsum("bnqk,bknd->bqnd", weights.astype(v.dtype), v, precision=self.precision)
+        o = attention_lib.dot_product_attention(q, k, v, precision=self.precision)
         o = dense("out")(o.reshape(b, h * w, c)).reshape(b, h, w, c)
         out = x.astype(o.dtype) + o
         if self.rescale_output_factor != 1.0:
