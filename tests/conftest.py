@@ -59,13 +59,3 @@ def pytest_runtest_makereport(item, call):
 def pytest_make_collect_report(collector):
     outcome = yield
     _fail_skips(outcome.get_result())
-
-
-# Modules that take the longest, first. Under ``--dist loadscope`` a module runs on one worker, in
-# collection order; the main command's subprocess tests (about 12 min together) collected in the
-# middle kept one worker busy for the last 12 min of a CI run while the other stood idle.
-_LONGEST_FIRST = ("tests/test_main_cli.py",)
-
-
-def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: item.nodeid.split("::")[0] not in _LONGEST_FIRST)
