@@ -29,9 +29,15 @@ DN = ("NHWC", "HWIO", "NHWC")
 
 
 def conv_shapes(model, x) -> collections.Counter:
-    """(x shape, kernel shape, strides, padding) -> count, over the model's forward pass."""
+    """(x shape, kernel shape, strides, padding) -> count, over the model's forward pass.
+
+    Traced with the Winograd path off, so that every convolution appears as one."""
     variables = jax.eval_shape(model.init, jax.random.key(0), x)
-    jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x))(variables, x)
+    use_winograd, conv.USE_WINOGRAD = conv.USE_WINOGRAD, False
+    try:
+        jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x))(variables, x)
+    finally:
+        conv.USE_WINOGRAD = use_winograd
     shapes = collections.Counter()
 
     def walk(jp):

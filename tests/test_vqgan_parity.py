@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from artfr_jax.convert import diffusers_vq
+from artfr_jax.models import winograd
 from artfr_jax.models.vqgan import VQGAN
 
 CONFIG = {
@@ -73,7 +74,16 @@ def models():
     return tm, VQGAN(**kwargs), {"params": params}, x
 
 
-def test_vqgan_encode_quantize_decode_parity(models):
+@pytest.fixture(params=["direct", "winograd"])
+def conv_path(request, monkeypatch):
+    """Every 3x3 convolution direct, or (thresholds lowered) as Winograd F(4x4, 3x3) on the CPU."""
+    if request.param == "winograd":
+        monkeypatch.setattr(winograd, "MIN_POSITIONS", 0)
+        monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
+    return request.param
+
+
+def test_vqgan_encode_quantize_decode_parity(models, conv_path):
     tm, jm, variables, x = models
     with torch.no_grad():
         t_lat = tm.encode(_nchw(x)).latents
@@ -221,7 +231,7 @@ def test_param_count_parity_paper_config():
     assert sum(a.size for a in jax.tree_util.tree_leaves(default)) == n_torch
 
 
-def test_vqgan_gradient_parity(models):
+def test_vqgan_gradient_parity(models, conv_path):
     """Parameter gradients of decode(encode(x)) agree with torch autograd (checks GroupNorm's
     hand-written backward and every transposed layout)."""
     tm, jm, variables, x = models

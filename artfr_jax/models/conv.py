@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from artfr_jax.models import winograd
+
 # Rows per band are chosen so that one band contracts over about this many (batch, row, column)
 # positions; XLA:CPU's weight-gradient kernel is fastest from roughly 1k to 4k of them.
 BAND_POSITIONS = 2048
@@ -36,6 +38,10 @@ BAND_POSITIONS = 2048
 MIN_BANDED_POSITIONS = 65536
 
 _NHWC = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
+
+# On the CPU, 'SAME' 3x3 convolutions run as Winograd F(4x4, 3x3) where ``_winograd_applies``; read
+# when a function is traced (benchmarks switch it off to time the direct convolution).
+USE_WINOGRAD = True
 
 
 def _is_nhwc_hwio(dimension_numbers, ndim: int) -> bool:
@@ -98,9 +104,24 @@ def conv_general_dilated(
         return lax.dot_general(lhs, rhs[0, 0], (((3,), (0,)), ((), ())), precision=precision)
     out_h = (lhs.shape[1] + sum(pads[0]) - rhs.shape[0]) // strides[0] + 1
     out_w = (lhs.shape[2] + sum(pads[1]) - rhs.shape[1]) // strides[1] + 1
-    if lhs.shape[0] * out_h * out_w < MIN_BANDED_POSITIONS:
+    positions = lhs.shape[0] * out_h * out_w
+    fast = _winograd_applies(lhs, rhs, strides, pads, positions)
+    if positions < MIN_BANDED_POSITIONS and not fast:
         return lax.conv_general_dilated(lhs, rhs, strides, pads, **kwargs)
-    return _conv(lhs, rhs, strides, pads, precision)
+    return _conv(lhs, rhs, strides, pads, precision, fast)
+
+
+def _winograd_applies(x, w, strides, pads, positions: int) -> bool:
+    """Whether the forward and input gradient run as Winograd F(4x4, 3x3) (``models/winograd``)."""
+    return (
+        USE_WINOGRAD
+        and w.shape[:2] == (3, 3)
+        and strides == (1, 1)
+        and pads == ((1, 1), (1, 1))
+        and x.dtype == w.dtype == jnp.float32
+        and min(w.shape[2:]) >= winograd.MIN_CHANNELS
+        and positions >= winograd.MIN_POSITIONS
+    )
 
 
 def _plain(x, w, strides, pads, precision):
@@ -109,21 +130,34 @@ def _plain(x, w, strides, pads, precision):
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv(x, w, strides, pads, precision):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _conv(x, w, strides, pads, precision, fast):
+    """The convolution; ``fast``: Winograd forward and input gradient (a 'SAME' 3x3)."""
+    if fast:
+        return winograd.conv3x3(x, w, precision)
     return _plain(x, w, strides, pads, precision)
 
 
-def _conv_fwd(x, w, strides, pads, precision):
-    return _plain(x, w, strides, pads, precision), (x, w)
+def _conv_fwd(x, w, strides, pads, precision, fast):
+    return _conv(x, w, strides, pads, precision, fast), (x, w)
 
 
-def _conv_bwd(strides, pads, precision, res, dy):
+def _conv_bwd(strides, pads, precision, fast, res, dy):
     x, w = res
-    (dx,) = jax.linear_transpose(
-        lambda x_: _plain(x_, w, strides, pads, precision), jax.ShapeDtypeStruct(x.shape, x.dtype)
-    )(dy)
-    dw = weight_grad(x, dy, w.shape, strides, pads, precision)
+    if fast:
+        dx = winograd.conv3x3_input_grad(dy, w, precision)
+    else:
+        (dx,) = jax.linear_transpose(
+            lambda x_: _plain(x_, w, strides, pads, precision),
+            jax.ShapeDtypeStruct(x.shape, x.dtype),
+        )(dy)
+    if dy.shape[0] * dy.shape[1] * dy.shape[2] >= MIN_BANDED_POSITIONS:
+        dw = weight_grad(x, dy, w.shape, strides, pads, precision)
+    else:
+        (dw,) = jax.linear_transpose(
+            lambda w_: _plain(x, w_, strides, pads, precision),
+            jax.ShapeDtypeStruct(w.shape, w.dtype),
+        )(dy)
     return dx, dw.astype(w.dtype)
 
 

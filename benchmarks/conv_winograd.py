@@ -1,0 +1,98 @@
+"""3x3 convolution time per VQGAN shape: XLA's direct convolution against Winograd F(4x4, 3x3).
+
+  python -m benchmarks.conv_winograd --config=paper --size=512 --batch=1
+
+Collects the distinct stride-1 'SAME' 3x3 convolution shapes of the tokenizer's forward pass (with
+their counts) and times, for each, the forward and the forward+backward (gradients for input and
+kernel) of ``artfr_jax.models.conv`` with the Winograd path off and on (``models/winograd.py``), plus
+the compile time of each. Median of ``--repeats`` interleaved runs after one warm-up run; totals
+are weighted by how often each shape occurs, for the direct convolution throughout and for the
+path the models take per shape (``uses``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from artfr_jax.convert import diffusers_vq
+from artfr_jax.models import conv
+from artfr_jax.models.vqgan import VQGAN
+from benchmarks.conv_weight_grad import conv_shapes
+from benchmarks.vqgan_vs_diffusers import CONFIGS, diffusers_config, timed
+
+
+def time_shape(xs, ws, repeats: int, rng) -> tuple[dict, dict, float]:
+    """Median ms and compile s of direct and Winograd forward and fwd+bwd; max relative error."""
+    x = jnp.asarray(rng.standard_normal(xs, np.float32))
+    w = jnp.asarray(rng.standard_normal(ws, np.float32) / np.sqrt(9 * ws[2]))
+    pads = ((1, 1), (1, 1))
+    fns, compile_s, outs = {}, {}, {}
+    for name, fast in (("direct", False), ("winograd", True)):
+
+        def fwd(x, w, fast=fast):
+            return conv._conv(x, w, (1, 1), pads, None, fast)
+
+        def loss(x, w, fast=fast):
+            return jnp.sum(fwd(x, w) ** 2) * 0.5
+
+        for kind, fn in (("fwd", fwd), ("fwd+bwd", jax.grad(loss, argnums=(0, 1)))):
+            t = time.perf_counter()
+            compiled = jax.jit(fn).lower(x, w).compile()
+            compile_s[f"{name} {kind}"] = time.perf_counter() - t
+            fns[f"{name} {kind}"] = lambda c=compiled: jax.block_until_ready(c(x, w))
+            outs[f"{name} {kind}"] = compiled(x, w)
+    err = 0.0
+    for kind in ("fwd", "fwd+bwd"):
+        a, b = jax.tree.leaves(outs[f"direct {kind}"]), jax.tree.leaves(outs[f"winograd {kind}"])
+        for ra, rb in zip(a, b, strict=True):
+            err = max(err, float(jnp.linalg.norm(ra - rb) / jnp.linalg.norm(ra)))
+    ms = {k: v["median"] * 1e3 for k, v in timed(fns, warmup=1, repeats=repeats).items()}
+    return ms, compile_s, err
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", choices=sorted(CONFIGS), default="paper")
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args()
+    model = VQGAN(**diffusers_vq.vqgan_kwargs_from_diffusers_config(diffusers_config(args.config)))
+    x = jnp.zeros((args.batch, args.size, args.size, 3))
+    shapes = conv_shapes(model, x)
+    shapes = {
+        k: n
+        for k, n in shapes.items()
+        if k[1][:2] == (3, 3) and k[2:] == ((1, 1), ((1, 1), (1, 1)))
+    }
+    print(
+        f"backend={jax.default_backend()} config={args.config} size={args.size} "
+        f"batch={args.batch}: {sum(shapes.values())} stride-1 3x3 convolutions, {len(shapes)} shapes"
+    )
+    totals = collections.Counter()
+    rng = np.random.default_rng(0)
+    for (xs, ws, strides, pads), count in sorted(shapes.items(), key=lambda kv: -np.prod(kv[0][0])):
+        uses = conv._winograd_applies(x, jnp.zeros(ws), strides, pads, xs[0] * xs[1] * xs[2])
+        ms, compile_s, err = time_shape(xs, ws, args.repeats, rng)
+        for kind in ("fwd", "fwd+bwd"):
+            totals[f"direct {kind}"] += count * ms[f"direct {kind}"]
+            totals[f"as used {kind}"] += count * ms[f"{'winograd' if uses else 'direct'} {kind}"]
+        print(
+            f"  {count:2d}x x{xs} w{ws} uses {'winograd' if uses else 'direct'}: "
+            + "  ".join(f"{k} {v:7.1f}" for k, v in ms.items())
+            + " ms | compile s: "
+            + " ".join(f"{v:.2f}" for v in compile_s.values())
+            + f" | rel. diff {err:.1e}",
+            flush=True,
+        )
+    print("weighted total, ms: " + "  ".join(f"{k} {v:.0f}" for k, v in sorted(totals.items())))
+
+
+if __name__ == "__main__":
+    main()

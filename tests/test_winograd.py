@@ -1,0 +1,130 @@
+"""models/winograd.py and its use by models/conv.py: Winograd F(4x4, 3x3) equals the direct 3x3
+'SAME' convolution in value and derivatives, and the CPU models take it only where it pays."""
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from artfr_jax.models import conv, winograd
+
+DN = ("NHWC", "HWIO", "NHWC")
+
+
+def _direct(x, w):
+    return lax.conv_general_dilated(
+        x, w, (1, 1), "SAME", dimension_numbers=DN, precision=lax.Precision.HIGHEST
+    )
+
+
+def _data(b, h, w, c, o, seed=0):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((b, h, w, c)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((3, 3, c, o)) / np.sqrt(9 * c), jnp.float32)
+    return x, k
+
+
+def _rel(a, b):
+    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+def _primitives(fn, *args):
+    names = set()
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            names.add(eqn.primitive.name)
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return names
+
+
+# Sizes that are and are not multiples of the 4x4 output tile; one or more images; C != O.
+SHAPES = [(1, 8, 8, 3, 4), (2, 9, 13, 5, 7), (3, 17, 4, 6, 2), (1, 1, 1, 2, 3), (2, 12, 20, 16, 8)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_conv3x3_equals_direct_convolution(shape):
+    x, w = _data(*shape)
+    y = winograd.conv3x3(x, w)
+    assert y.shape == x.shape[:3] + (w.shape[-1],)
+    assert _rel(y, _direct(x, w)) < 1e-5
+    np.testing.assert_allclose(y, _direct(x, w), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES[:3])
+def test_input_gradient_equals_direct_convolutions(shape):
+    x, w = _data(*shape, seed=1)
+    y, vjp = jax.vjp(lambda x_: _direct(x_, w), x)
+    dy = jnp.cos(3 * y)
+    assert _rel(winograd.conv3x3_input_grad(dy, w), vjp(dy)[0]) < 1e-5
+
+
+def test_transforms_are_the_minimal_filtering_identity():
+    """One tile by hand: Y = A^T [(G g G^T) * (B^T d B)] A equals the 4x4 valid correlation."""
+    rng = np.random.default_rng(2)
+    d, g = rng.standard_normal((6, 6)), rng.standard_normal((3, 3))
+    y = winograd.A_T @ ((winograd.G @ g @ winograd.G.T) * (winograd.B_T @ d @ winograd.B_T.T))
+    y = y @ winograd.A_T.T
+    ref = np.array([[np.sum(d[i : i + 3, j : j + 3] * g) for j in range(4)] for i in range(4)])
+    np.testing.assert_allclose(y, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_rejects_other_kernels():
+    with pytest.raises(ValueError, match=r"w \[3,3,C,O\]"):
+        winograd.conv3x3(jnp.zeros((1, 4, 4, 2)), jnp.zeros((5, 5, 2, 2)))
+
+
+@pytest.mark.parametrize("banded", [True, False])
+def test_models_conv_takes_it_with_gradients_equal_to_lax(monkeypatch, banded):
+    """Above the thresholds (lowered here) the forward has no convolution left; the value and the
+    gradients for input and kernel (banded or XLA's weight gradient) equal lax's."""
+    monkeypatch.setattr(winograd, "MIN_POSITIONS", 0)
+    monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
+    monkeypatch.setattr(conv, "MIN_BANDED_POSITIONS", 0 if banded else 10**9)
+    x, w = _data(2, 10, 12, 4, 6, seed=3)
+
+    def ours(x_, w_):
+        return conv.conv_general_dilated(x_, w_, (1, 1), "SAME", dimension_numbers=DN)
+
+    assert "conv_general_dilated" not in _primitives(ours, x, w)
+    np.testing.assert_allclose(jax.jit(ours)(x, w), _direct(x, w), rtol=1e-4, atol=1e-5)
+
+    def loss(fn):
+        return lambda x_, w_: jnp.sum(jnp.sin(fn(x_, w_)))
+
+    got = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(x, w)
+    want = jax.grad(loss(_direct), argnums=(0, 1))(x, w)
+    for g, r in zip(got, want, strict=True):
+        assert _rel(g, r) < 1e-5
+
+
+def test_default_thresholds_pick_large_float32_same_3x3_only():
+    def uses_winograd(x, w, strides=(1, 1), padding="SAME"):
+        fn = lambda x_, w_: conv.conv_general_dilated(
+            x_, w_, strides, padding, dimension_numbers=DN
+        )  # noqa: E731
+        return "conv_general_dilated" not in _primitives(fn, x, w)
+
+    big = jax.ShapeDtypeStruct((1, 128, 128, 64), jnp.float32)
+    k = jax.ShapeDtypeStruct((3, 3, 64, 64), jnp.float32)
+    assert uses_winograd(big, k)
+    # The small configurations' sizes, few channels, strides, other padding, bfloat16: direct.
+    assert not uses_winograd(jax.ShapeDtypeStruct((8, 32, 32, 64), jnp.float32), k)
+    assert not uses_winograd(big, jax.ShapeDtypeStruct((3, 3, 64, 3), jnp.float32))
+    assert not uses_winograd(big, k, strides=(2, 2))
+    assert not uses_winograd(big, k, padding="VALID")
+    bf16 = jax.ShapeDtypeStruct(big.shape, jnp.bfloat16)
+    assert not uses_winograd(bf16, jax.ShapeDtypeStruct(k.shape, jnp.bfloat16))
+
+
+def test_switch_off_gives_the_direct_convolution(monkeypatch):
+    monkeypatch.setattr(conv, "USE_WINOGRAD", False)
+    x = jax.ShapeDtypeStruct((1, 128, 128, 64), jnp.float32)
+    k = jax.ShapeDtypeStruct((3, 3, 64, 64), jnp.float32)
+    fn = lambda x_, w_: conv.conv_general_dilated(x_, w_, (1, 1), "SAME", dimension_numbers=DN)  # noqa: E731
+    assert "conv_general_dilated" in _primitives(fn, x, k)
