@@ -93,22 +93,30 @@ def time_shape(xs, ws, strides, pads, repeats: int, rng) -> dict:
     return t
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parse_and_collect(doc: str, repeats: int, what="convolutions", keep=lambda key: True):
+    """The per-shape benchmarks' command line -> (args, input batch, the VQGAN's convolution
+    shapes that ``keep`` selects, largest input first); prints a header line."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
     p.add_argument("--config", choices=sorted(CONFIGS), default="paper")
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=repeats)
     args = p.parse_args()
     model = VQGAN(**diffusers_vq.vqgan_kwargs_from_diffusers_config(diffusers_config(args.config)))
-    shapes = conv_shapes(model, jnp.zeros((args.batch, args.size, args.size, 3)))
+    x = jnp.zeros((args.batch, args.size, args.size, 3))
+    shapes = {k: n for k, n in conv_shapes(model, x).items() if keep(k)}
     print(
         f"backend={jax.default_backend()} config={args.config} size={args.size} "
-        f"batch={args.batch}: {sum(shapes.values())} convolutions, {len(shapes)} shapes"
+        f"batch={args.batch}: {sum(shapes.values())} {what}, {len(shapes)} shapes"
     )
+    return args, x, sorted(shapes.items(), key=lambda kv: -np.prod(kv[0][0]))
+
+
+def main():
+    args, _, shapes = parse_and_collect(__doc__, repeats=3)
     totals = collections.Counter()
     rng = np.random.default_rng(0)
-    for (xs, ws, strides, pads), count in sorted(shapes.items(), key=lambda kv: -np.prod(kv[0][0])):
+    for (xs, ws, strides, pads), count in shapes:
         t = time_shape(xs, ws, strides, pads, args.repeats, rng)
         for k, v in t.items():
             totals[k] += count * v

@@ -12,7 +12,6 @@ path the models take per shape (``uses``).
 
 from __future__ import annotations
 
-import argparse
 import collections
 import time
 
@@ -20,11 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from artfr_jax.convert import diffusers_vq
 from artfr_jax.models import conv
-from artfr_jax.models.vqgan import VQGAN
-from benchmarks.conv_weight_grad import conv_shapes
-from benchmarks.vqgan_vs_diffusers import CONFIGS, diffusers_config, timed
+from benchmarks.conv_weight_grad import parse_and_collect
+from benchmarks.vqgan_vs_diffusers import timed
 
 
 def time_shape(xs, ws, repeats: int, rng) -> tuple[dict, dict, float]:
@@ -57,27 +54,15 @@ def time_shape(xs, ws, repeats: int, rng) -> tuple[dict, dict, float]:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", choices=sorted(CONFIGS), default="paper")
-    p.add_argument("--size", type=int, default=128)
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=5)
-    args = p.parse_args()
-    model = VQGAN(**diffusers_vq.vqgan_kwargs_from_diffusers_config(diffusers_config(args.config)))
-    x = jnp.zeros((args.batch, args.size, args.size, 3))
-    shapes = conv_shapes(model, x)
-    shapes = {
-        k: n
-        for k, n in shapes.items()
-        if k[1][:2] == (3, 3) and k[2:] == ((1, 1), ((1, 1), (1, 1)))
-    }
-    print(
-        f"backend={jax.default_backend()} config={args.config} size={args.size} "
-        f"batch={args.batch}: {sum(shapes.values())} stride-1 3x3 convolutions, {len(shapes)} shapes"
+    args, x, shapes = parse_and_collect(
+        __doc__,
+        repeats=5,
+        what="stride-1 3x3 convolutions",
+        keep=lambda k: k[1][:2] == (3, 3) and k[2:] == ((1, 1), ((1, 1), (1, 1))),
     )
     totals = collections.Counter()
     rng = np.random.default_rng(0)
-    for (xs, ws, strides, pads), count in sorted(shapes.items(), key=lambda kv: -np.prod(kv[0][0])):
+    for (xs, ws, strides, pads), count in shapes:
         uses = conv._winograd_applies(x, jnp.zeros(ws), strides, pads, xs[0] * xs[1] * xs[2])
         ms, compile_s, err = time_shape(xs, ws, args.repeats, rng)
         for kind in ("fwd", "fwd+bwd"):

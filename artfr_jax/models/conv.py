@@ -1,4 +1,4 @@
-"""2-D convolution whose weight gradient XLA:CPU computes in row bands.
+"""The models' 2-D convolutions: on the CPU, weight gradients in row bands and Winograd 3x3.
 
 ``conv_general_dilated`` is a drop-in for ``lax.conv_general_dilated`` (flax ``nn.Conv`` takes it as
 its ``conv_general_dilated`` field; parameters and results are unchanged). On accelerators, and for
@@ -12,6 +12,10 @@ input-gradient convolutions run at about torch's speed. Here the weight gradient
 of output rows, each band a small convolution in XLA:CPU's native NHWC/HWIO layout, looped with
 ``lax.scan`` so the program stays small; 1x1 convolutions are matmuls over channels.
 ``benchmarks/conv_weight_grad.py`` times XLA's and the banded weight gradient per shape.
+
+Stride-1 'SAME' 3x3 convolutions on large enough float32 images run their forward and input
+gradient as Winograd F(4x4, 3x3) on the CPU (``models/winograd.py``; ``USE_WINOGRAD``), with a quarter
+of the multiply-adds: 1.4-1.8x faster than XLA:CPU's direct convolution at 128-512 px.
 
 ``upsample2x_conv`` is nearest x2 upsampling followed by a 3x3 convolution (the decoders'
 ``Upsample``) computed on the input's own grid, with 4/9 of the multiply-adds.
