@@ -110,9 +110,10 @@ def conv_general_dilated(
     out_w = (lhs.shape[2] + sum(pads[1]) - rhs.shape[1]) // strides[1] + 1
     positions = lhs.shape[0] * out_h * out_w
     fast = _winograd_applies(lhs, rhs, strides, pads, positions)
-    if positions < MIN_BANDED_POSITIONS and not fast:
+    banded = positions >= MIN_BANDED_POSITIONS
+    if not (fast or banded):
         return lax.conv_general_dilated(lhs, rhs, strides, pads, **kwargs)
-    return _conv(lhs, rhs, strides, pads, precision, fast)
+    return _conv(lhs, rhs, strides, pads, precision, fast, banded)
 
 
 def _winograd_applies(x, w, strides, pads, positions: int) -> bool:
@@ -134,19 +135,20 @@ def _plain(x, w, strides, pads, precision):
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def _conv(x, w, strides, pads, precision, fast):
-    """The convolution; ``fast``: Winograd forward and input gradient (a 'SAME' 3x3)."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
+def _conv(x, w, strides, pads, precision, fast, banded):
+    """The convolution; ``fast``: Winograd forward and input gradient (a 'SAME' 3x3);
+    ``banded``: the weight gradient in row bands (else XLA's)."""
     if fast:
         return winograd.conv3x3(x, w, precision)
     return _plain(x, w, strides, pads, precision)
 
 
-def _conv_fwd(x, w, strides, pads, precision, fast):
-    return _conv(x, w, strides, pads, precision, fast), (x, w)
+def _conv_fwd(x, w, strides, pads, precision, fast, banded):
+    return _conv(x, w, strides, pads, precision, fast, banded), (x, w)
 
 
-def _conv_bwd(strides, pads, precision, fast, res, dy):
+def _conv_bwd(strides, pads, precision, fast, banded, res, dy):
     x, w = res
     if fast:
         dx = winograd.conv3x3_input_grad(dy, w, precision)
@@ -155,7 +157,7 @@ def _conv_bwd(strides, pads, precision, fast, res, dy):
             lambda x_: _plain(x_, w, strides, pads, precision),
             jax.ShapeDtypeStruct(x.shape, x.dtype),
         )(dy)
-    if dy.shape[0] * dy.shape[1] * dy.shape[2] >= MIN_BANDED_POSITIONS:
+    if banded:
         dw = weight_grad(x, dy, w.shape, strides, pads, precision)
     else:
         (dw,) = jax.linear_transpose(

@@ -6,11 +6,13 @@ products per channel pair instead of 144:
     Y = A^T [ (G g G^T) * (B^T d B) ] A        (one tile; * is element-wise)
 
 Summed over input channels, the 36 element-wise products become 36 matmuls
-``[tiles, C_in] @ [C_in, C_out]``, a quarter of the direct convolution's multiply-adds. The input and
-output transforms are additions of strided slices that XLA fuses into a few memory-bound loops.
+``[tiles, C_in] @ [C_in, C_out]``, a quarter of the direct convolution's multiply-adds. The input
+transform is sums of tile rows that XLA fuses into memory-bound loops; the output transform is one
+small matmul.
 
-Used by ``models.conv`` on the CPU only, for stride-1 'SAME' 3x3 convolutions in float32 on images
-of at least ``MIN_POSITIONS`` pixels (``benchmarks/conv_winograd.py`` times it per shape). The result
+Used by ``models.conv`` on the CPU only, for stride-1 'SAME' 3x3 convolutions in float32 of at least
+``MIN_POSITIONS`` pixels and ``MIN_CHANNELS`` channels (``benchmarks/conv_winograd.py`` times it
+per shape). The result
 differs from the direct sum by rounding only (about 3e-6 relative in float32).
 """
 
