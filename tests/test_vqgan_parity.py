@@ -78,8 +78,7 @@ def models():
 def conv_path(request, monkeypatch):
     """Every 3x3 convolution direct, or (thresholds lowered) as Winograd F(4x4, 3x3) on the CPU."""
     if request.param == "winograd":
-        monkeypatch.setattr(winograd, "MIN_POSITIONS", 0)
-        monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
+        monkeypatch.setattr(winograd, "MIN_SIZES", ((0, 1),))
     return request.param
 
 

@@ -83,8 +83,7 @@ def test_rejects_other_kernels():
 def test_models_conv_takes_it_with_gradients_equal_to_lax(monkeypatch, banded):
     """Above the thresholds (lowered here) the forward has no convolution left; the value and the
     gradients for input and kernel (banded or XLA's weight gradient) equal lax's."""
-    monkeypatch.setattr(winograd, "MIN_POSITIONS", 0)
-    monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
+    monkeypatch.setattr(winograd, "MIN_SIZES", ((0, 1),))
     monkeypatch.setattr(conv, "MIN_BANDED_POSITIONS", 0 if banded else 10**9)
     x, w = _data(2, 10, 12, 4, 6, seed=3)
 
@@ -115,6 +114,12 @@ def test_default_thresholds_pick_large_float32_same_3x3_only():
     assert uses_winograd(big, k)
     # The small configurations' sizes, few channels, strides, other padding, bfloat16: direct.
     assert not uses_winograd(jax.ShapeDtypeStruct((8, 32, 32, 64), jnp.float32), k)
+    # Fewer positions with many channels (the paper tokenizer's 64x64x256 level): Winograd.
+    k256 = jax.ShapeDtypeStruct((3, 3, 256, 256), jnp.float32)
+    assert uses_winograd(jax.ShapeDtypeStruct((1, 64, 64, 256), jnp.float32), k256)
+    assert not uses_winograd(jax.ShapeDtypeStruct((1, 32, 32, 256), jnp.float32), k256)
+    k128 = jax.ShapeDtypeStruct((3, 3, 128, 128), jnp.float32)
+    assert not uses_winograd(jax.ShapeDtypeStruct((1, 64, 64, 128), jnp.float32), k128)
     assert not uses_winograd(big, jax.ShapeDtypeStruct((3, 3, 64, 3), jnp.float32))
     assert not uses_winograd(big, k, strides=(2, 2))
     assert not uses_winograd(big, k, padding="VALID")

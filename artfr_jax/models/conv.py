@@ -124,8 +124,7 @@ def _winograd_applies(x, w, strides, pads, positions: int) -> bool:
         and strides == (1, 1)
         and pads == ((1, 1), (1, 1))
         and x.dtype == w.dtype == jnp.float32
-        and min(w.shape[2:]) >= winograd.MIN_CHANNELS
-        and positions >= winograd.MIN_POSITIONS
+        and winograd.applies_to(positions, min(w.shape[2:]))
     )
 
 

@@ -10,10 +10,9 @@ Summed over input channels, the 36 element-wise products become 36 matmuls
 transform is sums of tile rows that XLA fuses into memory-bound loops; the output transform is one
 small matmul.
 
-Used by ``models.conv`` on the CPU only, for stride-1 'SAME' 3x3 convolutions in float32 of at least
-``MIN_POSITIONS`` pixels and ``MIN_CHANNELS`` channels (``benchmarks/conv_winograd.py`` times it
-per shape). The result
-differs from the direct sum by rounding only (about 3e-6 relative in float32).
+Used by ``models.conv`` on the CPU only, for stride-1 'SAME' 3x3 convolutions in float32 of the
+sizes in ``MIN_SIZES`` (``benchmarks/conv_winograd.py`` times it per shape). The result differs
+from the direct sum by rounding only (about 3e-6 relative in float32).
 """
 
 from __future__ import annotations
@@ -52,13 +51,19 @@ A_T = np.array(
 )
 TILE = 4  # outputs per tile side; inputs per tile side are TILE + 2
 
-# Below these sizes the direct convolution is as fast or faster on the CPU: with few tiles, reading
-# the 36 transformed weight matrices (4x the direct weights) dominates, and with few channels the
-# transforms do (``benchmarks/conv_winograd.py``; on 2 cores 1x32x32x256 was 1.6x slower, 1x64x64x128
-# 1.3x faster forward and even forward+backward, 1x128x128x128 1.6x faster in both). The small
-# configurations (tiny, smoke, demo) stay below them.
-MIN_POSITIONS = 16384  # batch x height x width
-MIN_CHANNELS = 64  # input and output channels
+# (positions, channels) pairs: a convolution of at least that many positions (batch x height x
+# width) and input and output channels runs as Winograd, if it meets either pair. Below them the
+# direct convolution is as fast or faster on the CPU: with few tiles, reading the 36 transformed
+# weight matrices (4x the direct weights) dominates, and with few channels the transforms do. On 2
+# cores (forward, forward+backward in ms, direct -> Winograd): 1x64x64x128 9.9 -> 9.8, 36 -> 40;
+# 1x64x64x256 35 -> 22, 143 -> 129; 4x32x32x256 38 -> 25, 192 -> 133; 1x32x32x512 41 -> 71,
+# 182 -> 247. The small configurations (tiny, smoke, demo) stay below both.
+MIN_SIZES = ((16384, 64), (4096, 256))
+
+
+def applies_to(positions: int, channels: int) -> bool:
+    """Whether a stride-1 'SAME' 3x3 convolution of this size is quicker as Winograd on the CPU."""
+    return any(positions >= p and channels >= c for p, c in MIN_SIZES)
 
 
 def _combine(matrix: np.ndarray, parts: list[jax.Array]) -> list[jax.Array]:
