@@ -15,7 +15,7 @@ of output rows, each band a small convolution in XLA:CPU's native NHWC/HWIO layo
 
 Stride-1 'SAME' 3x3 convolutions on large enough float32 images run their forward and input
 gradient as Winograd F(4x4, 3x3) on the CPU (``models/winograd.py``; ``USE_WINOGRAD``), with a quarter
-of the multiply-adds: 1.4-1.8x faster than XLA:CPU's direct convolution at 128-512 px.
+of the multiply-adds: 1.2-1.8x faster than XLA:CPU's direct convolution at 64-512 px.
 
 ``upsample2x_conv`` is nearest x2 upsampling followed by a 3x3 convolution (the decoders'
 ``Upsample``) computed on the input's own grid, with 4/9 of the multiply-adds.
