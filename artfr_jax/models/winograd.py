@@ -119,7 +119,7 @@ def output_transform(m: jax.Array, batch: int, n: int, mm: int) -> jax.Array:
     One [16, 36] matmul over all tiles and channels (quicker to compile than the unrolled sums
     of the input transform, and as fast), then the 4x4 blocks are interleaved into the image."""
     o = m.shape[-1]
-    a = jnp.asarray(np.einsum("ai,cj->acij", A_T, A_T).reshape(16, 36), m.dtype)
+    a = jnp.asarray(np.kron(A_T, A_T), m.dtype)
     y = lax.dot_general(a, m.reshape(36, -1), (((1,), (0,)), ((), ())))  # [16, B*n*m*O]
     y = y.reshape(TILE, TILE, batch, n, mm, o).transpose(2, 3, 0, 4, 1, 5)
     return y.reshape(batch, TILE * n, TILE * mm, o)
