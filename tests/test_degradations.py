@@ -78,6 +78,20 @@ def test_anisotropic_fast_path_matches_dense_kernel(hq):
     assert np.abs(ref - hq).mean() > 1.5  # the blur itself is much larger than the mismatch
 
 
+@pytest.mark.parametrize("theta", [0.0, 0.6, 1.5708, 2.4, -2.0])
+def test_long_anisotropic_kernel_matches_dense_kernel(theta):
+    # sigma 1.2 x 12: a 41-tap line blur (the sepFilter2D branch), along several directions, on a
+    # non-square image so that the rotated canvas's width and height both matter.
+    img = render_face(5, 128)[:, 16:112].copy()
+    p = D.DegradationParams(sigma_x=12.0, sigma_y=1.2, theta=theta)
+    fast = D.apply_degradation(img, p, fast_blur=False).astype(float)
+    ref = D.reference_blur(img, p).astype(float)
+    assert fast.shape == ref.shape
+    assert np.abs(fast - ref).mean() < 0.8, np.abs(fast - ref).mean()
+    assert np.abs(fast - ref).max() < 12  # no black canvas pixels leak into the border
+    assert np.abs(ref - img).mean() > 4 * np.abs(fast - ref).mean()
+
+
 def test_fast_blur_close_to_full_resolution_blur(hq):
     p = D.DegradationParams(sigma_x=8.0, sigma_y=6.0, theta=0.3, scale=8.0)
     a = D.apply_degradation(hq, p).astype(float)

@@ -276,8 +276,9 @@ def _blur(img: np.ndarray, p: DegradationParams, max_size: int) -> np.ndarray:
         return cv2.GaussianBlur(img, (size, size), smax, borderType=cv2.BORDER_REFLECT_101)
     # Anisotropic: covariance = smin^2 I + (smax^2 - smin^2) v v^T (v the long axis), and Gaussian
     # covariances add under convolution, so the kernel is an isotropic blur followed by a 1-D blur
-    # along v. The 1-D blur runs on a copy rotated so v is horizontal; this is ~3x faster than a
-    # dense 41x41 filter2D and matches it up to the bilinear resampling of the two rotations.
+    # along v (_line_blur). It matches the dense kernel up to the bilinear resampling of two
+    # rotations. On one core it is as quick as a dense filter2D (which switches to a DFT) at 512 px
+    # (about 10 ms for 41 taps) and 1.1-1.9x quicker at 256 px, where the fast path blurs.
     if smin > 0:
         size = kernel_size(smin, max_size)
         if size > 1:
@@ -286,19 +287,36 @@ def _blur(img: np.ndarray, p: DegradationParams, max_size: int) -> np.ndarray:
     size = kernel_size(s_line, max_size)
     if size <= 1:
         return img
-    phi = p.theta if p.sigma_x >= p.sigma_y else p.theta + math.pi / 2
+    return _line_blur(img, p.theta if p.sigma_x >= p.sigma_y else p.theta + math.pi / 2, s_line, size)
+
+
+def _line_blur(img: np.ndarray, phi: float, sigma: float, size: int) -> np.ndarray:
+    """1-D Gaussian blur of ``img`` along the direction ``phi`` (radians from the x axis).
+
+    Rotates onto a canvas just large enough for the rotated image plus the kernel's reach along
+    its rows, blurs the rows, and rotates back. The source is padded by reflection beforehand, so
+    the rotation reads no pixel outside it within that reach (a reflecting border in
+    ``warpAffine`` itself costs twice the rotation), and rows of more than 31 taps use
+    ``sepFilter2D`` (2x quicker than ``GaussianBlur`` there)."""
     c, s = math.cos(phi), math.sin(phi)
     h, w = img.shape[:2]
-    d = int(math.ceil(math.hypot(h, w))) + 2
+    m = size // 2 + 1
+    src = cv2.copyMakeBorder(img, m, m, m, m, cv2.BORDER_REFLECT_101)
+    cw = math.ceil(w * abs(c) + h * abs(s)) + 2 * m + 2
+    ch = math.ceil(w * abs(s) + h * abs(c)) + 2
     rot = np.array([[c, s], [-s, c]])
-    mat = np.concatenate([rot, (np.array([d / 2, d / 2]) - rot @ [w / 2, h / 2])[:, None]], 1)
-    big = cv2.warpAffine(
-        img, mat, (d, d), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101
-    )
-    big = cv2.GaussianBlur(big, (size, 1), s_line, sigmaY=0.1, borderType=cv2.BORDER_REFLECT_101)
+    # image -> canvas coordinates; a whole-pixel shift keeps right angles free of resampling
+    shift = np.round(np.array([cw / 2, ch / 2]) - rot @ [w / 2, h / 2])
+    to_canvas = np.concatenate([rot, (shift - rot @ [m, m])[:, None]], 1)  # from padded source
+    big = cv2.warpAffine(src, to_canvas, (cw, ch), flags=cv2.INTER_LINEAR)
+    if size > 31:
+        row = cv2.getGaussianKernel(size, sigma)
+        big = cv2.sepFilter2D(big, -1, row, np.ones((1, 1)), borderType=cv2.BORDER_REFLECT_101)
+    else:
+        big = cv2.GaussianBlur(big, (size, 1), sigma, sigmaY=0.1, borderType=cv2.BORDER_REFLECT_101)
     return cv2.warpAffine(
         big,
-        mat,
+        np.concatenate([rot, shift[:, None]], 1),
         (w, h),
         flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
         borderMode=cv2.BORDER_REFLECT_101,
