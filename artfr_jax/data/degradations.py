@@ -287,7 +287,9 @@ def _blur(img: np.ndarray, p: DegradationParams, max_size: int) -> np.ndarray:
     size = kernel_size(s_line, max_size)
     if size <= 1:
         return img
-    return _line_blur(img, p.theta if p.sigma_x >= p.sigma_y else p.theta + math.pi / 2, s_line, size)
+    return _line_blur(
+        img, p.theta if p.sigma_x >= p.sigma_y else p.theta + math.pi / 2, s_line, size
+    )
 
 
 def _line_blur(img: np.ndarray, phi: float, sigma: float, size: int) -> np.ndarray:
