@@ -302,7 +302,8 @@ def _line_blur(img: np.ndarray, phi: float, sigma: float, size: int) -> np.ndarr
     ``sepFilter2D`` (2x quicker than ``GaussianBlur`` there)."""
     c, s = math.cos(phi), math.sin(phi)
     h, w = img.shape[:2]
-    m = size // 2 + 1
+    # Padding: the kernel's half width, plus the two bilinear footprints and the shift's rounding.
+    m = size // 2 + 3
     src = cv2.copyMakeBorder(img, m, m, m, m, cv2.BORDER_REFLECT_101)
     cw = math.ceil(w * abs(c) + h * abs(s)) + 2 * m + 2
     ch = math.ceil(w * abs(s) + h * abs(c)) + 2
