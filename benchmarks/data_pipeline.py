@@ -3,7 +3,8 @@
     python benchmarks/data_pipeline.py [--size 512] [--preset artfr] [--seconds 3] [--workers 2]
 
 Prints render and degrade time per image (one thread, as in a worker), in-process pipeline pairs/s
-(median of timed runs after a warm-up, num_workers=0) and a multi-worker run. Target: >= 60 pairs/s per worker.
+(median of timed runs after a warm-up, num_workers=0) and a multi-worker run. Target: >= 60 pairs/s
+per worker.
 """
 
 import argparse
