@@ -8,7 +8,7 @@ import pytest
 from flax import linen as nn
 from jax import lax
 
-from artfr_jax.models import conv
+from artfr_jax.models import conv, winograd
 from artfr_jax.models.layers import Conv
 
 DN = ("NHWC", "HWIO", "NHWC")
@@ -148,6 +148,43 @@ def test_upsample2x_conv_equals_upsample_then_conv(shape):
     g_ref = jax.grad(loss(_upsample_then_conv), argnums=(0, 1))(x, kernel)
     for a, r in zip(g_ours, g_ref, strict=True):
         np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7, 3, 4), (1, 8, 8, 6, 2)])
+def test_upsample2x_conv_as_winograd_equals_upsample_then_conv(monkeypatch, shape):
+    """With the thresholds lowered, the phase convolution and its input gradient run as Winograd
+    F(4x4, 2x2): no convolution is left in the forward, values and gradients are unchanged."""
+    monkeypatch.setattr(winograd, "MIN_SIZES_2X2", ((0, 1),))
+    monkeypatch.setattr(winograd, "MIN_SIZES_2X2_INPUT_GRAD", ((0, 1),))
+    b, h, w, c, o = shape
+    x, kernel = _data(b, h, w, c, o, 3, seed=w)
+    cot = jnp.asarray(np.random.default_rng(2).standard_normal((b, 2 * h, 2 * w, o)), jnp.float32)
+    ours = lambda x_, k_: conv.upsample2x_conv(x_, k_, (1, 1), "SAME", dimension_numbers=DN)  # noqa: E731
+    assert "conv_general_dilated" not in str(jax.make_jaxpr(ours)(x, kernel))
+    y, ref = jax.jit(ours)(x, kernel), _upsample_then_conv(x, kernel)
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5)
+    assert float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref)) < 1e-5
+    loss = lambda f: lambda x_, k_: jnp.sum(f(x_, k_) * cot)  # noqa: E731
+    g_ours = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(x, kernel)
+    g_ref = jax.grad(loss(_upsample_then_conv), argnums=(0, 1))(x, kernel)
+    for a, r in zip(g_ours, g_ref, strict=True):
+        np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-4)
+
+
+def test_upsample2x_conv_default_thresholds():
+    """The paper decoders' large upsamplings take Winograd; the small configurations do not."""
+
+    def uses_winograd(shape, channels):
+        x = jax.ShapeDtypeStruct(shape, jnp.float32)
+        k = jax.ShapeDtypeStruct((3, 3, shape[-1], channels), jnp.float32)
+        fn = lambda x_, k_: conv.upsample2x_conv(x_, k_, dimension_numbers=DN)  # noqa: E731
+        return "conv_general_dilated" not in str(jax.make_jaxpr(fn)(x, k))
+
+    assert uses_winograd((1, 256, 256, 128), 128)
+    assert uses_winograd((1, 64, 64, 256), 256)
+    assert not uses_winograd((1, 16, 16, 512), 512)
+    assert not uses_winograd((2, 8, 8, 64), 64)
+    assert not uses_winograd((1, 256, 256, 128), 3)
 
 
 def test_upsample2x_conv_rejects_other_convolutions():

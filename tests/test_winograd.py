@@ -1,5 +1,6 @@
 """models/winograd.py and its use by models/conv.py: Winograd F(4x4, 3x3) equals the direct 3x3
-'SAME' convolution in value and derivatives, and the CPU models take it only where it pays."""
+'SAME' convolution and F(4x4, 2x2) the 2x2 'VALID' one in value and derivatives, and the CPU
+models take them only where they pay."""
 
 import jax
 import jax.extend
@@ -64,19 +65,46 @@ def test_input_gradient_equals_direct_convolutions(shape):
     assert _rel(winograd.conv3x3_input_grad(dy, w), vjp(dy)[0]) < 1e-5
 
 
-def test_transforms_are_the_minimal_filtering_identity():
+@pytest.mark.parametrize("f", [winograd.F4_3, winograd.F4_2], ids=["F4x4_3x3", "F4x4_2x2"])
+def test_transforms_are_the_minimal_filtering_identity(f):
     """One tile by hand: Y = A^T [(G g G^T) * (B^T d B)] A equals the 4x4 valid correlation."""
     rng = np.random.default_rng(2)
-    d, g = rng.standard_normal((6, 6)), rng.standard_normal((3, 3))
-    y = winograd.A_T @ ((winograd.G @ g @ winograd.G.T) * (winograd.B_T @ d @ winograd.B_T.T))
-    y = y @ winograd.A_T.T
-    ref = np.array([[np.sum(d[i : i + 3, j : j + 3] * g) for j in range(4)] for i in range(4)])
+    r, n = f.taps, f.span
+    assert f.b_t.shape == (n, n) and f.g.shape == (n, r) and f.a_t.shape == (4, n)
+    d, g = rng.standard_normal((n, n)), rng.standard_normal((r, r))
+    y = f.a_t @ ((f.g @ g @ f.g.T) * (f.b_t @ d @ f.b_t.T)) @ f.a_t.T
+    ref = np.array([[np.sum(d[i : i + r, j : j + r] * g) for j in range(4)] for i in range(4)])
     np.testing.assert_allclose(y, ref, rtol=1e-12, atol=1e-12)
+
+
+def _direct_2x2(x, w, pad=0):
+    return lax.conv_general_dilated(
+        x, w, (1, 1), [(pad, pad)] * 2, dimension_numbers=DN, precision=lax.Precision.HIGHEST
+    )
+
+
+@pytest.mark.parametrize("shape", SHAPES[:3] + [(2, 12, 20, 16, 8)])
+def test_conv2x2_and_its_input_gradient_equal_direct_convolutions(shape):
+    b, h, w_, c, o = shape
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((b, h + 1, w_ + 1, c)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((2, 2, c, o)) / np.sqrt(4 * c), jnp.float32)
+    y = winograd.conv2x2(x, w)
+    assert y.shape == (b, h, w_, o)
+    np.testing.assert_allclose(y, _direct_2x2(x, w), rtol=1e-4, atol=1e-5)
+    assert _rel(y, _direct_2x2(x, w)) < 1e-5
+    dy = jnp.cos(3 * y)
+    _, vjp = jax.vjp(lambda x_: _direct_2x2(x_, w), x)
+    dx = winograd.conv2x2_input_grad(dy, w)
+    assert dx.shape == x.shape
+    assert _rel(dx, vjp(dy)[0]) < 1e-5
 
 
 def test_rejects_other_kernels():
     with pytest.raises(ValueError, match=r"w \[3,3,C,O\]"):
         winograd.conv3x3(jnp.zeros((1, 4, 4, 2)), jnp.zeros((5, 5, 2, 2)))
+    with pytest.raises(ValueError, match=r"w \[2,2,C,O\]"):
+        winograd.conv2x2(jnp.zeros((1, 4, 4, 2)), jnp.zeros((2, 2, 3, 2)))
 
 
 @pytest.mark.parametrize("banded", [True, False])

@@ -1,4 +1,4 @@
-"""The models' 2-D convolutions: on the CPU, weight gradients in row bands and Winograd 3x3.
+"""The models' 2-D convolutions: on the CPU, weight gradients in row bands and Winograd.
 
 ``conv_general_dilated`` is a drop-in for ``lax.conv_general_dilated`` (flax ``nn.Conv`` takes it as
 its ``conv_general_dilated`` field; parameters and results are unchanged). On accelerators, and for
@@ -18,7 +18,8 @@ gradient as Winograd F(4x4, 3x3) on the CPU (``models/winograd.py``; ``USE_WINOG
 of the multiply-adds: 1.2-1.8x faster than XLA:CPU's direct convolution at 64-512 px.
 
 ``upsample2x_conv`` is nearest x2 upsampling followed by a 3x3 convolution (the decoders'
-``Upsample``) computed on the input's own grid, with 4/9 of the multiply-adds.
+``Upsample``) computed on the input's own grid, with 4/9 of the multiply-adds; on the CPU, large
+enough ones run that 2x2 convolution as Winograd F(4x4, 2x2) (``winograd.MIN_SIZES_2X2``).
 """
 
 from __future__ import annotations
@@ -325,23 +326,43 @@ def _phase_conv(xp, k, precision, preferred_element_type):
     return _phase_conv_cpu(xp, k, precision, preferred_element_type)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _phase_conv_cpu(xp, k, precision, preferred_element_type):
+def _phase_winograd(xp, k, preferred_element_type, sizes) -> bool:
+    """Whether the phase convolution (or its input gradient) runs as Winograd F(4x4, 2x2)."""
+    b, hp, wp, c = xp.shape
+    return (
+        USE_WINOGRAD
+        and xp.dtype == k.dtype == jnp.float32
+        and preferred_element_type is None
+        and winograd.applies_to(b * (hp - 1) * (wp - 1), min(c, k.shape[-1] // 4), sizes)
+    )
+
+
+def _phase_forward(xp, k, precision, preferred_element_type):
+    if _phase_winograd(xp, k, preferred_element_type, winograd.MIN_SIZES_2X2):
+        return winograd.conv2x2(xp, k, precision)
     return _phase_plain(xp, k, precision, preferred_element_type)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _phase_conv_cpu(xp, k, precision, preferred_element_type):
+    return _phase_forward(xp, k, precision, preferred_element_type)
+
+
 def _phase_fwd(xp, k, precision, preferred_element_type):
-    return _phase_plain(xp, k, precision, preferred_element_type), (xp, k)
+    return _phase_forward(xp, k, precision, preferred_element_type), (xp, k)
 
 
 def _phase_bwd(precision, preferred_element_type, res, dz):
     # dL/dk as one matmul over the 2x2 patches: XLA:CPU's convolution weight gradient for this
     # shape (a 2x2 kernel with 4 O outputs) ran at a quarter of its matmul speed.
     xp, k = res
-    (dxp,) = jax.linear_transpose(
-        lambda x_: _phase_plain(x_, k, precision, preferred_element_type),
-        jax.ShapeDtypeStruct(xp.shape, xp.dtype),
-    )(dz)
+    if _phase_winograd(xp, k, preferred_element_type, winograd.MIN_SIZES_2X2_INPUT_GRAD):
+        dxp = winograd.conv2x2_input_grad(dz, k, precision)
+    else:
+        (dxp,) = jax.linear_transpose(
+            lambda x_: _phase_plain(x_, k, precision, preferred_element_type),
+            jax.ShapeDtypeStruct(xp.shape, xp.dtype),
+        )(dz)
     b, hp, wp, c = xp.shape
     patches = jnp.concatenate(
         [xp[:, r : r + hp - 1, s : s + wp - 1] for r in (0, 1) for s in (0, 1)], axis=-1

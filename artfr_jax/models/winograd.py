@@ -1,26 +1,47 @@
-"""3x3 convolution by Winograd's minimal filtering F(4x4, 3x3) (Lavin & Gray, 2016).
+"""Small convolutions by Winograd's minimal filtering F(4x4, r x r) (Lavin & Gray, 2016).
 
-Each 4x4 block of outputs is computed from the 6x6 block of inputs around it with 36 element-wise
-products per channel pair instead of 144:
+Each 4x4 block of outputs of an r x r convolution is computed from the (r + 3)^2 block of inputs
+around it with (r + 3)^2 element-wise products per channel pair instead of 16 r^2:
 
     Y = A^T [ (G g G^T) * (B^T d B) ] A        (one tile; * is element-wise)
 
-Summed over input channels, the 36 element-wise products become 36 matmuls
-``[tiles, C_in] @ [C_in, C_out]``, a quarter of the direct convolution's multiply-adds. The input
-transform is sums of tile rows that XLA fuses into memory-bound loops; the output transform is one
-small matmul.
+Summed over input channels, the element-wise products become (r + 3)^2 matmuls
+``[tiles, C_in] @ [C_in, C_out]``: for F(4x4, 3x3) 36 instead of 144 multiply-adds per tile, a
+quarter; for F(4x4, 2x2) 25 instead of 64. The input transform is sums of tile rows that XLA fuses
+into memory-bound loops; the output transform is one small matmul.
 
-Used by ``models.conv`` on the CPU only, for stride-1 'SAME' 3x3 convolutions in float32 of the
-sizes in ``MIN_SIZES`` (``benchmarks/conv_winograd.py`` times it per shape). The result differs
-from the direct sum by rounding only (about 3e-6 relative in float32).
+Used by ``models.conv`` on the CPU only, in float32: for stride-1 'SAME' 3x3 convolutions of the
+sizes in ``MIN_SIZES`` (``benchmarks/conv_winograd.py`` times it per shape), and for the 2x2 phase
+convolution of the decoders' upsampling (``models.conv.upsample2x_conv``; ``MIN_SIZES_2X2``). The
+result differs from the direct sum by rounding only (about 3e-6 relative in float32).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+
+class Minimal(NamedTuple):
+    """The matrices of F(4x4, r x r): ``b_t [n, n]``, ``g [n, r]``, ``a_t [4, n]``, n = r + 3."""
+
+    b_t: np.ndarray
+    g: np.ndarray
+    a_t: np.ndarray
+
+    @property
+    def taps(self) -> int:
+        return self.g.shape[1]
+
+    @property
+    def span(self) -> int:
+        """Input rows (and columns) per tile."""
+        return self.b_t.shape[0]
+
 
 # B^T, G and A^T of F(4, 3) with interpolation points 0, +-1, +-2 and infinity.
 B_T = np.array(
@@ -49,7 +70,25 @@ A_T = np.array(
     [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]],
     np.float64,
 )
-TILE = 4  # outputs per tile side; inputs per tile side are TILE + 2
+F4_3 = Minimal(B_T, G, A_T)
+# F(4, 2) with interpolation points 0, 1, -1, 2 and infinity (Toom-Cook: A^T is the Vandermonde
+# matrix of the points, G's rows are the points' powers over the Lagrange denominators, and B^T
+# solves the identity for them).
+F4_2 = Minimal(
+    np.array(
+        [
+            [2, -1, -2, 1, 0],
+            [0, -2, -1, 1, 0],
+            [0, 2, -3, 1, 0],
+            [0, -1, 0, 1, 0],
+            [0, 2, -1, -2, 1],
+        ],
+        np.float64,
+    ),
+    np.array([[1 / 2, 0], [-1 / 2, -1 / 2], [-1 / 6, 1 / 6], [1 / 6, 1 / 3], [0, 1]], np.float64),
+    np.array([[1, 1, 1, 1, 0], [0, 1, -1, 2, 0], [0, 1, 1, 4, 0], [0, 1, -1, 8, 1]], np.float64),
+)
+TILE = 4  # outputs per tile side
 
 # (positions, channels) pairs: a convolution of at least that many positions (batch x height x
 # width) and input and output channels runs as Winograd, if it meets either pair. Below them the
@@ -59,11 +98,19 @@ TILE = 4  # outputs per tile side; inputs per tile side are TILE + 2
 # 1x64x64x256 35 -> 22, 143 -> 129; 4x32x32x256 38 -> 25, 192 -> 133; 1x32x32x512 41 -> 71,
 # 182 -> 247. The small configurations (tiny, smoke, demo) stay below both.
 MIN_SIZES = ((16384, 64), (4096, 256))
+# The same for the upsampling's 2x2 phase convolution (``C -> 4 O``; positions: its output's),
+# forward and input gradient. On 2 cores, 1 image (ms, direct -> Winograd, forward | input
+# gradient), input HxWxC: 256x256x128 347 -> 178 | 259 -> 211; 64x64x256 88 -> 41 | 63 -> 45;
+# 64x64x128 19 -> 12 | 17 -> 13; 128x128x64 22 -> 14 | 18 -> 37; 32x32x256 25 -> 16 | 18 -> 27;
+# 16x16x512 21 -> 33 | 29 -> 46. (8 images of 32x32x64: 21 -> 9 | 8 -> 12.)
+MIN_SIZES_2X2 = ((8192, 64), (4096, 128), (1024, 256))
+MIN_SIZES_2X2_INPUT_GRAD = ((4096, 128),)
 
 
-def applies_to(positions: int, channels: int) -> bool:
-    """Whether a stride-1 'SAME' 3x3 convolution of this size is quicker as Winograd on the CPU."""
-    return any(positions >= p and channels >= c for p, c in MIN_SIZES)
+def applies_to(positions: int, channels: int, sizes=None) -> bool:
+    """Whether a convolution of this size is quicker as Winograd on the CPU (``sizes``: a table
+    as ``MIN_SIZES``, which is the default)."""
+    return any(positions >= p and channels >= c for p, c in (MIN_SIZES if sizes is None else sizes))
 
 
 def _combine(matrix: np.ndarray, parts: list[jax.Array]) -> list[jax.Array]:
@@ -80,63 +127,92 @@ def _combine(matrix: np.ndarray, parts: list[jax.Array]) -> list[jax.Array]:
     return out
 
 
-def _tile_rows(x: jax.Array, axis: int, tiles: int) -> list[jax.Array]:
-    """The six overlapping input rows of every tile along ``axis``: ``x[4t + k]`` for k < 6.
+def _tile_rows(x: jax.Array, axis: int, tiles: int, span: int) -> list[jax.Array]:
+    """The ``span`` overlapping input rows of every tile along ``axis``: ``x[4t + k]``, k < span.
 
     Strided slices, which XLA fuses into the loop that combines them (a reshape of a contiguous
     slice into [tiles, 4] blocks is a separate copy of the whole input instead)."""
     last = TILE * (tiles - 1) + 1
-    return [lax.slice_in_dim(x, k, k + last, stride=TILE, axis=axis) for k in range(TILE + 2)]
+    return [lax.slice_in_dim(x, k, k + last, stride=TILE, axis=axis) for k in range(span)]
 
 
-def input_transform(x: jax.Array) -> jax.Array:
-    """``B^T d B`` for every 6x6 input tile of the zero-padded ``x``: [36, B*n*m, C]."""
+def _tiles(out: int) -> int:
+    return -(-out // TILE)
+
+
+def input_transform(x: jax.Array, f: Minimal = F4_3, pad: int = 1) -> jax.Array:
+    """``B^T d B`` for every input tile of ``x`` zero-padded by ``pad`` on each side, for a
+    stride-1 r x r convolution: [n^2, B * tiles, C] (n = r + 3)."""
     b, h, w, c = x.shape
-    n, m = -(-h // TILE), -(-w // TILE)
-    # One row/column of 'SAME' padding in front; behind it, up to the last tile's 6th entry.
-    xp = jnp.pad(x, ((0, 0), (1, TILE * n + 3 - h), (1, TILE * m + 3 - w), (0, 0)))
-    rows = jnp.stack(_combine(B_T, _tile_rows(xp, 1, n)), 0)  # [6, B, n, W', C]
-    v = jnp.stack(_combine(B_T, _tile_rows(rows, 3, m)), 1)  # [6, 6, B, n, m, C]
-    return v.reshape(36, b * n * m, c)
+    ho, wo = h + 2 * pad - f.taps + 1, w + 2 * pad - f.taps + 1
+    n, m = _tiles(ho), _tiles(wo)
+    # ``pad`` rows/columns in front; behind, zeros up to the last tile's last input.
+    rows_in, cols_in = TILE * n + f.taps - 1, TILE * m + f.taps - 1
+    xp = jnp.pad(x, ((0, 0), (pad, rows_in - h - pad), (pad, cols_in - w - pad), (0, 0)))
+    rows = jnp.stack(_combine(f.b_t, _tile_rows(xp, 1, n, f.span)), 0)  # [n, B, tiles, W', C]
+    v = jnp.stack(_combine(f.b_t, _tile_rows(rows, 3, m, f.span)), 1)  # [n, n, B, tiles, tiles, C]
+    return v.reshape(f.span**2, b * n * m, c)
 
 
-def weight_transform(w: jax.Array) -> jax.Array:
-    """``G g G^T`` for every input/output channel pair: [3, 3, C, O] -> [36, C, O].
+def weight_transform(w: jax.Array, f: Minimal = F4_3) -> jax.Array:
+    """``G g G^T`` for every input/output channel pair: [r, r, C, O] -> [n^2, C, O].
 
-    One [36, 9] @ [9, C*O] matmul with ``kron(G, G)``. (As two contractions over one tap axis each,
-    [C*O*3, 3] @ [3, 6], it took 270 ms of a 512-px tokenizer forward; as fused sums of the taps it
-    was as quick as this but took a second per shape to compile.)"""
-    k = jnp.asarray(np.kron(G, G), w.dtype)
+    One [n^2, r^2] @ [r^2, C*O] matmul with ``kron(G, G)``. (As two contractions over one tap axis
+    each, [C*O*3, 3] @ [3, 6], it took 270 ms of a 512-px tokenizer forward; as fused sums of the
+    taps it was as quick as this but took a second per shape to compile.)"""
+    k = jnp.asarray(np.kron(f.g, f.g), w.dtype)
     u = lax.dot_general(
-        k, w.reshape(9, -1), (((1,), (0,)), ((), ())), precision=lax.Precision.HIGHEST
+        k, w.reshape(f.taps**2, -1), (((1,), (0,)), ((), ())), precision=lax.Precision.HIGHEST
     )
-    return u.reshape(36, *w.shape[2:])
+    return u.reshape(f.span**2, *w.shape[2:])
 
 
-def output_transform(m: jax.Array, batch: int, n: int, mm: int) -> jax.Array:
-    """``A^T M A`` per tile, tiles put back in place: [36, B*n*m, O] -> [B, 4n, 4m, O].
+def output_transform(m: jax.Array, batch: int, n: int, mm: int, f: Minimal = F4_3) -> jax.Array:
+    """``A^T M A`` per tile, tiles put back in place: [n^2, B*n*m, O] -> [B, 4n, 4m, O].
 
-    One [16, 36] matmul over all tiles and channels (quicker to compile than the unrolled sums
+    One [16, n^2] matmul over all tiles and channels (quicker to compile than the unrolled sums
     of the input transform, and as fast), then the 4x4 blocks are interleaved into the image."""
     o = m.shape[-1]
-    a = jnp.asarray(np.kron(A_T, A_T), m.dtype)
-    y = lax.dot_general(a, m.reshape(36, -1), (((1,), (0,)), ((), ())))  # [16, B*n*m*O]
+    a = jnp.asarray(np.kron(f.a_t, f.a_t), m.dtype)
+    y = lax.dot_general(a, m.reshape(f.span**2, -1), (((1,), (0,)), ((), ())))  # [16, B*n*m*O]
     y = y.reshape(TILE, TILE, batch, n, mm, o).transpose(2, 3, 0, 4, 1, 5)
     return y.reshape(batch, TILE * n, TILE * mm, o)
 
 
+def _conv(x: jax.Array, w: jax.Array, f: Minimal, pad: int, precision) -> jax.Array:
+    """Stride-1 r x r convolution of ``x`` zero-padded by ``pad`` (NHWC x HWIO -> NHWC)."""
+    r = f.taps
+    if w.shape[:2] != (r, r) or x.shape[-1] != w.shape[2]:
+        raise ValueError(
+            f"winograd: expected x [B,H,W,C] and w [{r},{r},C,O], got {x.shape}, {w.shape}"
+        )
+    b, h, wd, _ = x.shape
+    ho, wo = h + 2 * pad - r + 1, wd + 2 * pad - r + 1
+    prods = lax.dot_general(
+        input_transform(x, f, pad),
+        weight_transform(w, f),
+        (((2,), (1,)), ((0,), (0,))),
+        precision=precision,
+    )
+    return output_transform(prods, b, _tiles(ho), _tiles(wo), f)[:, :ho, :wo]
+
+
 def conv3x3(x: jax.Array, w: jax.Array, precision=None) -> jax.Array:
     """Stride-1 3x3 convolution with one pixel of zero padding (NHWC x HWIO -> NHWC)."""
-    if w.shape[:2] != (3, 3) or x.shape[-1] != w.shape[2]:
-        raise ValueError(f"conv3x3: expected x [B,H,W,C] and w [3,3,C,O], got {x.shape}, {w.shape}")
-    b, h, wd, _ = x.shape
-    n, m = -(-h // TILE), -(-wd // TILE)
-    prods = lax.dot_general(
-        input_transform(x), weight_transform(w), (((2,), (1,)), ((0,), (0,))), precision=precision
-    )
-    return output_transform(prods, b, n, m)[:, :h, :wd]
+    return _conv(x, w, F4_3, 1, precision)
 
 
 def conv3x3_input_grad(dy: jax.Array, w: jax.Array, precision=None) -> jax.Array:
     """Gradient of ``conv3x3(x, w)`` with respect to ``x``: ``dy`` against the flipped kernel."""
     return conv3x3(dy, jnp.flip(w, (0, 1)).swapaxes(2, 3), precision)
+
+
+def conv2x2(x: jax.Array, w: jax.Array, precision=None) -> jax.Array:
+    """Stride-1 2x2 'VALID' convolution: ``[B, H, W, C] x [2, 2, C, O] -> [B, H-1, W-1, O]``."""
+    return _conv(x, w, F4_2, 0, precision)
+
+
+def conv2x2_input_grad(dy: jax.Array, w: jax.Array, precision=None) -> jax.Array:
+    """Gradient of ``conv2x2(x, w)`` with respect to ``x``: the 'FULL' convolution of ``dy``
+    (one pixel of zero padding) with the flipped kernel, ``[B, H-1, W-1, O] -> [B, H, W, C]``."""
+    return _conv(dy, jnp.flip(w, (0, 1)).swapaxes(2, 3), F4_2, 1, precision)
