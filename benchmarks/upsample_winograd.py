@@ -1,0 +1,102 @@
+"""Upsampling time per VQGAN decoder level: the 2x2 phase convolution direct against Winograd.
+
+  python -m benchmarks.upsample_winograd --config=paper --size=512 --batch=1
+
+The decoders' nearest x2 + 3x3 convolution runs as one 2x2 'VALID' convolution of the padded
+low-resolution input with ``4 O`` outputs (``models/conv.upsample2x_conv``). For each of those
+convolutions in the tokenizer's forward pass this times the forward and the input gradient three
+ways: XLA's direct convolution, Winograd F(4x4, 2x2) (``models/winograd.conv2x2`` and
+``conv2x2_input_grad``), and the path the models take with the default thresholds
+(``winograd.MIN_SIZES_2X2``, ``MIN_SIZES_2X2_INPUT_GRAD``). Median of ``--repeats`` interleaved
+runs after one warm-up run; totals are weighted by how often each shape occurs.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from artfr_jax.models import conv, winograd
+from benchmarks.conv_weight_grad import parse_and_collect
+from benchmarks.vqgan_vs_diffusers import timed
+
+_TABLES = ("MIN_SIZES_2X2", "MIN_SIZES_2X2_INPUT_GRAD")
+
+
+def _compiled(fn, args, tables):
+    """``fn`` traced and compiled with the 2x2 Winograd thresholds set to ``tables``."""
+    saved = [getattr(winograd, t) for t in _TABLES]
+    try:
+        for name, value in zip(_TABLES, tables, strict=True):
+            setattr(winograd, name, value)
+        t = time.perf_counter()
+        # A fresh function, so that jit traces it again under these thresholds.
+        compiled = jax.jit(lambda *a: fn(*a)).lower(*args).compile()
+        return compiled, time.perf_counter() - t
+    finally:
+        for name, value in zip(_TABLES, saved, strict=True):
+            setattr(winograd, name, value)
+
+
+def time_shape(xs, ws, repeats: int, rng) -> tuple[dict, dict, float]:
+    """Median ms and compile s of each path's forward and input gradient; max relative error."""
+    xp = jnp.asarray(rng.standard_normal(xs, np.float32))
+    k = jnp.asarray(rng.standard_normal(ws, np.float32) / np.sqrt(4 * ws[2]))
+    dz = jnp.asarray(rng.standard_normal((xs[0], xs[1] - 1, xs[2] - 1, ws[3]), np.float32))
+
+    def fwd(xp, k):
+        return conv._phase_conv_cpu(xp, k, None, None)
+
+    def input_grad(xp, k, dz):
+        return jax.vjp(lambda x_: fwd(x_, k), xp)[1](dz)[0]
+
+    paths = {
+        "direct": ((), ()),
+        "winograd": (((0, 1),), ((0, 1),)),
+        "as used": tuple(getattr(winograd, t) for t in _TABLES),
+    }
+    fns, compile_s, outs = {}, {}, {}
+    for name, tables in paths.items():
+        for kind, fn, args in (("fwd", fwd, (xp, k)), ("dx", input_grad, (xp, k, dz))):
+            compiled, compile_s[f"{name} {kind}"] = _compiled(fn, args, tables)
+            fns[f"{name} {kind}"] = lambda c=compiled, a=args: jax.block_until_ready(c(*a))
+            outs[f"{name} {kind}"] = compiled(*args)
+    err = max(
+        float(jnp.linalg.norm(outs[f"winograd {kind}"] - ref) / jnp.linalg.norm(ref))
+        for kind in ("fwd", "dx")
+        for ref in [outs[f"direct {kind}"]]
+    )
+    ms = {k: v["median"] * 1e3 for k, v in timed(fns, warmup=1, repeats=repeats).items()}
+    return ms, compile_s, err
+
+
+def main():
+    args, _, shapes = parse_and_collect(
+        __doc__,
+        repeats=5,
+        what="2x2 phase convolutions (upsampling)",
+        keep=lambda key: key[1][:2] == (2, 2) and key[3] == ((0, 0), (0, 0)),
+    )
+    totals = collections.Counter()
+    rng = np.random.default_rng(0)
+    for (xs, ws, _, _), count in shapes:
+        ms, compile_s, err = time_shape(xs, ws, args.repeats, rng)
+        for key, v in ms.items():
+            totals[key] += count * v
+        print(
+            f"  {count:2d}x x{xs} w{ws}: "
+            + "  ".join(f"{key} {v:7.1f}" for key, v in ms.items())
+            + " ms | compile s: "
+            + " ".join(f"{v:.2f}" for v in compile_s.values())
+            + f" | rel. diff {err:.1e}",
+            flush=True,
+        )
+    print("weighted total, ms: " + "  ".join(f"{k} {v:.0f}" for k, v in totals.items()))
+
+
+if __name__ == "__main__":
+    main()
