@@ -27,7 +27,7 @@ from jax import lax
 
 
 class Minimal(NamedTuple):
-    """The matrices of F(4x4, r x r): ``b_t [n, n]``, ``g [n, r]``, ``a_t [4, n]``, n = r + 3."""
+    """The matrices of F(4x4, r x r): ``b_t [s, s]``, ``g [s, r]``, ``a_t [4, s]``, s = r + 3."""
 
     b_t: np.ndarray
     g: np.ndarray
@@ -142,22 +142,22 @@ def _tiles(out: int) -> int:
 
 def input_transform(x: jax.Array, f: Minimal = F4_3, pad: int = 1) -> jax.Array:
     """``B^T d B`` for every input tile of ``x`` zero-padded by ``pad`` on each side, for a
-    stride-1 r x r convolution: [n^2, B * tiles, C] (n = r + 3)."""
+    stride-1 r x r convolution: [s^2, B * tiles, C] (s = r + 3 inputs per tile side)."""
     b, h, w, c = x.shape
     ho, wo = h + 2 * pad - f.taps + 1, w + 2 * pad - f.taps + 1
     n, m = _tiles(ho), _tiles(wo)
     # ``pad`` rows/columns in front; behind, zeros up to the last tile's last input.
     rows_in, cols_in = TILE * n + f.taps - 1, TILE * m + f.taps - 1
     xp = jnp.pad(x, ((0, 0), (pad, rows_in - h - pad), (pad, cols_in - w - pad), (0, 0)))
-    rows = jnp.stack(_combine(f.b_t, _tile_rows(xp, 1, n, f.span)), 0)  # [n, B, tiles, W', C]
-    v = jnp.stack(_combine(f.b_t, _tile_rows(rows, 3, m, f.span)), 1)  # [n, n, B, tiles, tiles, C]
+    rows = jnp.stack(_combine(f.b_t, _tile_rows(xp, 1, n, f.span)), 0)  # [s, B, n, W', C]
+    v = jnp.stack(_combine(f.b_t, _tile_rows(rows, 3, m, f.span)), 1)  # [s, s, B, n, m, C]
     return v.reshape(f.span**2, b * n * m, c)
 
 
 def weight_transform(w: jax.Array, f: Minimal = F4_3) -> jax.Array:
-    """``G g G^T`` for every input/output channel pair: [r, r, C, O] -> [n^2, C, O].
+    """``G g G^T`` for every input/output channel pair: [r, r, C, O] -> [s^2, C, O].
 
-    One [n^2, r^2] @ [r^2, C*O] matmul with ``kron(G, G)``. (As two contractions over one tap axis
+    One [s^2, r^2] @ [r^2, C*O] matmul with ``kron(G, G)``. (As two contractions over one tap axis
     each, [C*O*3, 3] @ [3, 6], it took 270 ms of a 512-px tokenizer forward; as fused sums of the
     taps it was as quick as this but took a second per shape to compile.)"""
     k = jnp.asarray(np.kron(f.g, f.g), w.dtype)
@@ -168,9 +168,9 @@ def weight_transform(w: jax.Array, f: Minimal = F4_3) -> jax.Array:
 
 
 def output_transform(m: jax.Array, batch: int, n: int, mm: int, f: Minimal = F4_3) -> jax.Array:
-    """``A^T M A`` per tile, tiles put back in place: [n^2, B*n*m, O] -> [B, 4n, 4m, O].
+    """``A^T M A`` per tile, tiles put back in place: [s^2, B*n*m, O] -> [B, 4n, 4m, O].
 
-    One [16, n^2] matmul over all tiles and channels (quicker to compile than the unrolled sums
+    One [16, s^2] matmul over all tiles and channels (quicker to compile than the unrolled sums
     of the input transform, and as fast), then the 4x4 blocks are interleaved into the image."""
     o = m.shape[-1]
     a = jnp.asarray(np.kron(f.a_t, f.a_t), m.dtype)
