@@ -54,6 +54,13 @@ def time_shape(xs, ws, repeats: int, rng) -> tuple[dict, dict, float]:
     return ms, compile_s, err
 
 
+def shape_line(head: str, ms: dict, compile_s: dict, err: float) -> str:
+    """One shape's printed row: median ms and compile s per path, and the paths' difference."""
+    times = "  ".join(f"{k} {v:7.1f}" for k, v in ms.items())
+    compiles = " ".join(f"{v:.2f}" for v in compile_s.values())
+    return f"{head}{times} ms | compile s: {compiles} | rel. diff {err:.1e}"
+
+
 def main():
     args, x, shapes = parse_and_collect(
         __doc__,
@@ -70,14 +77,8 @@ def main():
         for kind in ("fwd", "fwd+bwd"):
             totals[f"direct {kind}"] += count * ms[f"direct {kind}"]
             totals[f"as used {kind}"] += count * ms[f"{'winograd' if uses else 'direct'} {kind}"]
-        print(
-            f"  {count:2d}x x{xs} w{ws} uses {'winograd' if uses else 'direct'}: "
-            + "  ".join(f"{k} {v:7.1f}" for k, v in ms.items())
-            + " ms | compile s: "
-            + " ".join(f"{v:.2f}" for v in compile_s.values())
-            + f" | rel. diff {err:.1e}",
-            flush=True,
-        )
+        head = f"  {count:2d}x x{xs} w{ws} uses {'winograd' if uses else 'direct'}: "
+        print(shape_line(head, ms, compile_s, err), flush=True)
     print("weighted total, ms: " + "  ".join(f"{k} {v:.0f}" for k, v in sorted(totals.items())))
 
 

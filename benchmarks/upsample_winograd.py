@@ -22,6 +22,7 @@ import numpy as np
 
 from artfr_jax.models import conv, winograd
 from benchmarks.conv_weight_grad import parse_and_collect
+from benchmarks.conv_winograd import shape_line
 from benchmarks.vqgan_vs_diffusers import timed
 
 _TABLES = ("MIN_SIZES_2X2", "MIN_SIZES_2X2_INPUT_GRAD")
@@ -87,14 +88,7 @@ def main():
         ms, compile_s, err = time_shape(xs, ws, args.repeats, rng)
         for key, v in ms.items():
             totals[key] += count * v
-        print(
-            f"  {count:2d}x x{xs} w{ws}: "
-            + "  ".join(f"{key} {v:7.1f}" for key, v in ms.items())
-            + " ms | compile s: "
-            + " ".join(f"{v:.2f}" for v in compile_s.values())
-            + f" | rel. diff {err:.1e}",
-            flush=True,
-        )
+        print(shape_line(f"  {count:2d}x x{xs} w{ws}: ", ms, compile_s, err), flush=True)
     print("weighted total, ms: " + "  ".join(f"{k} {v:.0f}" for k, v in totals.items()))
 
 
