@@ -140,14 +140,21 @@ def test_default_thresholds_pick_large_float32_same_3x3_only():
     big = jax.ShapeDtypeStruct((1, 128, 128, 64), jnp.float32)
     k = jax.ShapeDtypeStruct((3, 3, 64, 64), jnp.float32)
     assert uses_winograd(big, k)
-    # The small configurations' sizes, few channels, strides, other padding, bfloat16: direct.
-    assert not uses_winograd(jax.ShapeDtypeStruct((8, 32, 32, 64), jnp.float32), k)
-    # Fewer positions with many channels (the paper tokenizer's 64x64x256 level): Winograd.
-    k256 = jax.ShapeDtypeStruct((3, 3, 256, 256), jnp.float32)
-    assert uses_winograd(jax.ShapeDtypeStruct((1, 64, 64, 256), jnp.float32), k256)
-    assert not uses_winograd(jax.ShapeDtypeStruct((1, 32, 32, 256), jnp.float32), k256)
+    assert uses_winograd(jax.ShapeDtypeStruct((8, 32, 32, 64), jnp.float32), k)
+    # Few positions or few channels (the tiny test configurations): direct.
+    assert not uses_winograd(jax.ShapeDtypeStruct((1, 16, 16, 64), jnp.float32), k)
+    k32 = jax.ShapeDtypeStruct((3, 3, 32, 32), jnp.float32)
+    assert uses_winograd(jax.ShapeDtypeStruct((1, 128, 128, 32), jnp.float32), k32)
+    assert not uses_winograd(jax.ShapeDtypeStruct((1, 64, 64, 32), jnp.float32), k32)
+    k16 = jax.ShapeDtypeStruct((3, 3, 16, 16), jnp.float32)
+    assert not uses_winograd(jax.ShapeDtypeStruct((8, 64, 64, 16), jnp.float32), k16)
+    # Many channels: down to the paper tokenizer's 16x16x512 level, not below.
+    k512 = jax.ShapeDtypeStruct((3, 3, 512, 512), jnp.float32)
+    assert uses_winograd(jax.ShapeDtypeStruct((1, 16, 16, 512), jnp.float32), k512)
+    assert not uses_winograd(jax.ShapeDtypeStruct((1, 8, 8, 512), jnp.float32), k512)
     k128 = jax.ShapeDtypeStruct((3, 3, 128, 128), jnp.float32)
-    assert not uses_winograd(jax.ShapeDtypeStruct((1, 64, 64, 128), jnp.float32), k128)
+    assert uses_winograd(jax.ShapeDtypeStruct((1, 32, 32, 128), jnp.float32), k128)
+    assert not uses_winograd(jax.ShapeDtypeStruct((1, 16, 16, 128), jnp.float32), k128)
     assert not uses_winograd(big, jax.ShapeDtypeStruct((3, 3, 64, 3), jnp.float32))
     assert not uses_winograd(big, k, strides=(2, 2))
     assert not uses_winograd(big, k, padding="VALID")

@@ -93,11 +93,15 @@ TILE = 4  # outputs per tile side
 # (positions, channels) pairs: a convolution of at least that many positions (batch x height x
 # width) and input and output channels runs as Winograd, if it meets either pair. Below them the
 # direct convolution is as fast or faster on the CPU: with few tiles, reading the 36 transformed
-# weight matrices (4x the direct weights) dominates, and with few channels the transforms do. On 2
-# cores (forward, forward+backward in ms, direct -> Winograd): 1x64x64x128 9.9 -> 9.8, 36 -> 40;
-# 1x64x64x256 35 -> 22, 143 -> 129; 4x32x32x256 38 -> 25, 192 -> 133; 1x32x32x512 41 -> 71,
-# 182 -> 247. The small configurations (tiny, smoke, demo) stay below both.
-MIN_SIZES = ((16384, 64), (4096, 256))
+# weight matrices (4x the direct weights) dominates, and with few channels the transforms do.
+# ``benchmarks/conv_winograd.py`` on 2 cores, jax 0.10 (forward, forward+backward in ms, direct ->
+# Winograd), B x H x W x C -> O: 1x128x128x32 5.1 -> 3.8, 18.3 -> 16.8; 4x64x64x32 5.1 -> 3.5,
+# 17.4 -> 15.1; 1x64x64x32 1.2 -> 1.2, 4.2 -> 4.6; 1x32x32x64 1.7 -> 1.5, 5.5 -> 4.8; 4x16x16x64
+# 1.7 -> 1.4, 5.3 -> 4.4; 1x32x32x128 3.1 -> 1.9, 9.1 -> 8.0; 1x32x32x256 10.6 -> 7.8, 37 -> 33;
+# 1x16x16x512 15.3 -> 11.2, 43 -> 39; 1x16x16x256 3.0 -> 2.5, 12.6 -> 12.7; 1x8x8x256 1.7 -> 2.6,
+# 7.2 -> 9.0; 1x8x8x512 5.5 -> 10.0, 24 -> 32. (Earlier XLA releases favoured the direct
+# convolution up to 4x these sizes.)
+MIN_SIZES = ((16384, 32), (1024, 64), (256, 256))
 # The same for the upsampling's 2x2 phase convolution (``C -> 4 O``; positions: its output's),
 # forward and input gradient. On 2 cores, 1 image (ms, direct -> Winograd, forward | input
 # gradient), input HxWxC: 256x256x128 347 -> 178 | 259 -> 211; 64x64x256 88 -> 41 | 63 -> 45;
@@ -113,18 +117,18 @@ def applies_to(positions: int, channels: int, sizes=None) -> bool:
     return any(positions >= p and channels >= c for p, c in (MIN_SIZES if sizes is None else sizes))
 
 
-def _combine(matrix: np.ndarray, parts: list[jax.Array]) -> list[jax.Array]:
-    """``[sum_j matrix[i, j] * parts[j] for i]`` with the zero terms left out."""
-    out = []
-    for row in matrix:
-        acc = None
-        for c, p in zip(row, parts, strict=True):
-            if c == 0:
-                continue
-            term = p if c == 1 else -p if c == -1 else p * jnp.asarray(c, p.dtype)
-            acc = term if acc is None else acc + term
-        out.append(acc)
-    return out
+def _broadcast_combine(matrix: np.ndarray, parts: list[jax.Array], axis: int) -> jax.Array:
+    """``stack([sum_j matrix[i, j] * parts[j] for i], axis)`` as one broadcast multiply-add per
+    part: a plain elementwise loop, where the stack would be a concatenation."""
+    acc = None
+    for col, p in zip(matrix.T, parts, strict=True):
+        if not col.any():
+            continue
+        shape = [1] * (p.ndim + 1)
+        shape[axis] = len(col)
+        term = jnp.asarray(col.reshape(shape), p.dtype) * jnp.expand_dims(p, axis)
+        acc = term if acc is None else acc + term
+    return acc
 
 
 def _tile_rows(x: jax.Array, axis: int, tiles: int, span: int) -> list[jax.Array]:
@@ -149,8 +153,18 @@ def input_transform(x: jax.Array, f: Minimal = F4_3, pad: int = 1) -> jax.Array:
     # ``pad`` rows/columns in front; behind, zeros up to the last tile's last input.
     rows_in, cols_in = TILE * n + f.taps - 1, TILE * m + f.taps - 1
     xp = jnp.pad(x, ((0, 0), (pad, rows_in - h - pad), (pad, cols_in - w - pad), (0, 0)))
-    rows = jnp.stack(_combine(f.b_t, _tile_rows(xp, 1, n, f.span)), 0)  # [s, B, n, W', C]
-    v = jnp.stack(_combine(f.b_t, _tile_rows(rows, 3, m, f.span)), 1)  # [s, s, B, n, m, C]
+    # Both passes are elementwise loops, each reading every input about once: along rows, the
+    # s sums per tile row sit next to each other (row-major [B, n, s, W', C], stored transposed);
+    # along columns, one loop per row sum i. (As stacks of s sums, XLA wrote them as
+    # concatenations, one pass over the input per sum: 43 -> 29 ms at 512x512x64, 2 cores.)
+    rows = _broadcast_combine(f.b_t, _tile_rows(xp, 1, n, f.span), 2).transpose(2, 0, 1, 3, 4)
+    v = jnp.concatenate(
+        [
+            _broadcast_combine(f.b_t, _tile_rows(rows[i : i + 1], 3, m, f.span), 1)
+            for i in range(f.span)
+        ],
+        0,
+    )  # [s, s, B, n, m, C]
     return v.reshape(f.span**2, b * n * m, c)
 
 
