@@ -140,17 +140,22 @@ def test_default_thresholds_pick_large_float32_same_3x3_only():
     big = jax.ShapeDtypeStruct((1, 128, 128, 64), jnp.float32)
     k = jax.ShapeDtypeStruct((3, 3, 64, 64), jnp.float32)
     assert uses_winograd(big, k)
-    # The small configurations' sizes (smoke: 8 x 32x32 x 64) and few channels: direct.
-    assert not uses_winograd(jax.ShapeDtypeStruct((8, 32, 32, 64), jnp.float32), k)
+    # The smoke configuration's 64-px levels: Winograd; the demo's 32-px levels and the tiny
+    # configurations' few channels: direct.
+    assert uses_winograd(jax.ShapeDtypeStruct((8, 32, 32, 64), jnp.float32), k)
+    assert not uses_winograd(jax.ShapeDtypeStruct((8, 16, 16, 64), jnp.float32), k)
     k32 = jax.ShapeDtypeStruct((3, 3, 32, 32), jnp.float32)
-    assert not uses_winograd(jax.ShapeDtypeStruct((8, 64, 64, 32), jnp.float32), k32)
+    assert uses_winograd(jax.ShapeDtypeStruct((8, 64, 64, 32), jnp.float32), k32)
+    assert not uses_winograd(jax.ShapeDtypeStruct((8, 32, 32, 32), jnp.float32), k32)
+    k16 = jax.ShapeDtypeStruct((3, 3, 16, 16), jnp.float32)
+    assert not uses_winograd(jax.ShapeDtypeStruct((8, 64, 64, 16), jnp.float32), k16)
     # Many channels: down to the paper tokenizer's 16x16x512 level, not below.
     k512 = jax.ShapeDtypeStruct((3, 3, 512, 512), jnp.float32)
     assert uses_winograd(jax.ShapeDtypeStruct((1, 16, 16, 512), jnp.float32), k512)
     assert not uses_winograd(jax.ShapeDtypeStruct((1, 8, 8, 512), jnp.float32), k512)
     k128 = jax.ShapeDtypeStruct((3, 3, 128, 128), jnp.float32)
-    assert uses_winograd(jax.ShapeDtypeStruct((1, 64, 64, 128), jnp.float32), k128)
-    assert not uses_winograd(jax.ShapeDtypeStruct((8, 16, 16, 128), jnp.float32), k128)
+    assert uses_winograd(jax.ShapeDtypeStruct((8, 16, 16, 128), jnp.float32), k128)
+    assert not uses_winograd(jax.ShapeDtypeStruct((8, 8, 8, 128), jnp.float32), k128)
     assert not uses_winograd(big, jax.ShapeDtypeStruct((3, 3, 64, 3), jnp.float32))
     assert not uses_winograd(big, k, strides=(2, 2))
     assert not uses_winograd(big, k, padding="VALID")

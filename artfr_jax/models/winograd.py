@@ -95,13 +95,15 @@ TILE = 4  # outputs per tile side
 # direct convolution is as fast or faster on the CPU: with few tiles, reading the 36 transformed
 # weight matrices (4x the direct weights) dominates, and with few channels the transforms do.
 # ``benchmarks/conv_winograd.py`` on 2 cores, jax 0.10 (forward, forward+backward in ms, direct ->
-# Winograd), B x H x W x C -> O: 1x64x64x128 8.9 -> 6.3, 36 -> 32; 1x32x32x256 10.6 -> 7.8,
-# 37 -> 33; 1x16x16x512 15.3 -> 11.2, 43 -> 39; 1x16x16x256 3.0 -> 2.5, 12.6 -> 12.7; 1x8x8x256
-# 1.7 -> 2.6, 7.2 -> 9.0; 1x8x8x512 5.5 -> 10.0, 24 -> 32. Smaller convolutions gain too (8x32x32x64
-# 8.1 -> 4.6, 34 -> 25), but each Winograd convolution adds about half a second of compile time:
-# with them the smoke train step compiled in 31 instead of 18 s and ran no measurably faster
-# (0.93-1.09 vs 1.01-1.10 s), so the small configurations stay below the thresholds.
-MIN_SIZES = ((16384, 64), (4096, 128), (256, 256))
+# Winograd), B x H x W x C -> O: 4x64x64x32 5.1 -> 3.5, 17.4 -> 15.1; 1x64x64x32 1.2 -> 1.2,
+# 4.2 -> 4.6; 8x32x32x64 8.1 -> 4.6, 34 -> 25; 1x64x64x64 3.8 -> 2.2, 15.8 -> 12.2; 8x16x16x128
+# 5.3 -> 4.0, 21.8 -> 18.1; 1x32x32x256 10.6 -> 7.8, 37 -> 33; 1x16x16x512 15.3 -> 11.2, 43 -> 39;
+# 1x16x16x256 3.0 -> 2.5, 12.6 -> 12.7; 1x8x8x256 1.7 -> 2.6, 7.2 -> 9.0; 1x8x8x512 5.5 -> 10.0,
+# 24 -> 32. Each Winograd convolution adds about half a second of compile time, so the smaller
+# sizes that gain a little (4x16x16x64 1.7 -> 1.4, 5.3 -> 4.4: the demo's 32-px levels) stay
+# direct. The smoke configuration's train step compiles in 31 instead of 18 s with it and trained
+# at 1.0-1.1 instead of 0.83-0.9 steps/s (``configs/vqgan.py:smoke``, 500 steps).
+MIN_SIZES = ((16384, 32), (4096, 64), (1024, 128), (256, 256))
 # The same for the upsampling's 2x2 phase convolution (``C -> 4 O``; positions: its output's),
 # forward and input gradient. On 2 cores, 1 image (ms, direct -> Winograd, forward | input
 # gradient), input HxWxC: 256x256x128 347 -> 178 | 259 -> 211; 64x64x256 88 -> 41 | 63 -> 45;
