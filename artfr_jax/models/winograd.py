@@ -101,8 +101,9 @@ TILE = 4  # outputs per tile side
 # 1x16x16x256 3.0 -> 2.5, 12.6 -> 12.7; 1x8x8x256 1.7 -> 2.6, 7.2 -> 9.0; 1x8x8x512 5.5 -> 10.0,
 # 24 -> 32. Each Winograd convolution adds about half a second of compile time, so the smaller
 # sizes that gain a little (4x16x16x64 1.7 -> 1.4, 5.3 -> 4.4: the demo's 32-px levels) stay
-# direct. The smoke configuration's train step compiles in 31 instead of 18 s with it and trained
-# at 1.0-1.1 instead of 0.83-0.9 steps/s (``configs/vqgan.py:smoke``, 500 steps).
+# direct. With it the smoke configuration's train step compiles in 31 instead of 18 s, and its 500
+# steps (``configs/vqgan.py:smoke``) ran in 8:51 and 9:38 instead of 10:28 min (0.9-1.1 instead of
+# 0.76-0.9 steps/s).
 MIN_SIZES = ((16384, 32), (4096, 64), (1024, 128), (256, 256))
 # The same for the upsampling's 2x2 phase convolution (``C -> 4 O``; positions: its output's),
 # forward and input gradient. On 2 cores, 1 image (ms, direct -> Winograd, forward | input
