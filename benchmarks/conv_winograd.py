@@ -1,4 +1,4 @@
-"""3x3 convolution time per VQGAN shape: XLA's direct convolution against Winograd F(4x4, 3x3).
+"""3x3 convolution time per VQGAN shape: XLA's direct convolution against Winograd.
 
   python -m benchmarks.conv_winograd --config=paper --size=512 --batch=1
 
@@ -7,7 +7,8 @@ their counts) and times, for each, the forward and the forward+backward (gradien
 kernel) of ``artfr_jax.models.conv`` with the Winograd path off and on (``models/winograd.py``), plus
 the compile time of each. Median of ``--repeats`` interleaved runs after one warm-up run; totals
 are weighted by how often each shape occurs, for the direct convolution throughout and for the
-path the models take per shape (``uses``).
+path the models take per shape (``uses``). The Winograd column is F(4x4, 3x3), or F(2x2, 3x3) where
+``winograd.SMALL_TILE`` picks it (shown as ``F2x2``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from artfr_jax.models import conv
+from artfr_jax.models import conv, winograd
 from benchmarks.conv_weight_grad import parse_and_collect
 from benchmarks.vqgan_vs_diffusers import timed
 
@@ -77,7 +78,9 @@ def main():
         for kind in ("fwd", "fwd+bwd"):
             totals[f"direct {kind}"] += count * ms[f"direct {kind}"]
             totals[f"as used {kind}"] += count * ms[f"{'winograd' if uses else 'direct'} {kind}"]
-        head = f"  {count:2d}x x{xs} w{ws} uses {'winograd' if uses else 'direct'}: "
+        tile = winograd.minimal_3x3(xs[0] * xs[1] * xs[2], *ws[2:]).tile
+        path = f"winograd F{tile}x{tile}" if uses else "direct"
+        head = f"  {count:2d}x x{xs} w{ws} uses {path}: "
         print(shape_line(head, ms, compile_s, err), flush=True)
     print("weighted total, ms: " + "  ".join(f"{k} {v:.0f}" for k, v in sorted(totals.items())))
 

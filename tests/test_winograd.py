@@ -1,6 +1,6 @@
-"""models/winograd.py and its use by models/conv.py: Winograd F(4x4, 3x3) equals the direct 3x3
-'SAME' convolution and F(4x4, 2x2) the 2x2 'VALID' one in value and derivatives, and the CPU
-models take them only where they pay."""
+"""models/winograd.py and its use by models/conv.py: Winograd F(4x4, 3x3) and F(2x2, 3x3) equal the
+direct 3x3 'SAME' convolution and F(4x4, 2x2) the 2x2 'VALID' one in value and derivatives, and
+the CPU models take them only where they pay."""
 
 import jax
 import jax.extend
@@ -48,8 +48,18 @@ def _primitives(fn, *args):
 SHAPES = [(1, 8, 8, 3, 4), (2, 9, 13, 5, 7), (3, 17, 4, 6, 2), (1, 1, 1, 2, 3), (2, 12, 20, 16, 8)]
 
 
+# SMALL_TILE values that send every convolution to F(2x2, 3x3), or none.
+TILE_2X2 = {"F4x4": (0, 10**9), "F2x2": (10**9, 0)}
+
+
+@pytest.fixture(params=sorted(TILE_2X2))
+def tile(request, monkeypatch):
+    monkeypatch.setattr(winograd, "SMALL_TILE", TILE_2X2[request.param])
+    return request.param
+
+
 @pytest.mark.parametrize("shape", SHAPES)
-def test_conv3x3_equals_direct_convolution(shape):
+def test_conv3x3_equals_direct_convolution(shape, tile):
     x, w = _data(*shape)
     y = winograd.conv3x3(x, w)
     assert y.shape == x.shape[:3] + (w.shape[-1],)
@@ -58,23 +68,45 @@ def test_conv3x3_equals_direct_convolution(shape):
 
 
 @pytest.mark.parametrize("shape", SHAPES[:3])
-def test_input_gradient_equals_direct_convolutions(shape):
+def test_input_gradient_equals_direct_convolutions(shape, tile):
     x, w = _data(*shape, seed=1)
     y, vjp = jax.vjp(lambda x_: _direct(x_, w), x)
     dy = jnp.cos(3 * y)
     assert _rel(winograd.conv3x3_input_grad(dy, w), vjp(dy)[0]) < 1e-5
 
 
-@pytest.mark.parametrize("f", [winograd.F4_3, winograd.F4_2], ids=["F4x4_3x3", "F4x4_2x2"])
+@pytest.mark.parametrize(
+    "f",
+    [winograd.F4_3, winograd.F4_2, winograd.F2_3],
+    ids=["F4x4_3x3", "F4x4_2x2", "F2x2_3x3"],
+)
 def test_transforms_are_the_minimal_filtering_identity(f):
-    """One tile by hand: Y = A^T [(G g G^T) * (B^T d B)] A equals the 4x4 valid correlation."""
+    """One tile by hand: Y = A^T [(G g G^T) * (B^T d B)] A equals the m x m valid correlation."""
     rng = np.random.default_rng(2)
-    r, n = f.taps, f.span
-    assert f.b_t.shape == (n, n) and f.g.shape == (n, r) and f.a_t.shape == (4, n)
+    r, n, m = f.taps, f.span, f.tile
+    assert n == m + r - 1
+    assert f.b_t.shape == (n, n) and f.g.shape == (n, r) and f.a_t.shape == (m, n)
     d, g = rng.standard_normal((n, n)), rng.standard_normal((r, r))
     y = f.a_t @ ((f.g @ g @ f.g.T) * (f.b_t @ d @ f.b_t.T)) @ f.a_t.T
-    ref = np.array([[np.sum(d[i : i + r, j : j + r] * g) for j in range(4)] for i in range(4)])
+    ref = np.array([[np.sum(d[i : i + r, j : j + r] * g) for j in range(m)] for i in range(m)])
     np.testing.assert_allclose(y, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_few_positions_and_many_channels_take_the_2x2_tile():
+    """The paper tokenizer's 16x16 levels at one image: F(2x2, 3x3); more images, fewer channel
+    pairs, or larger images: F(4x4, 3x3)."""
+    assert winograd.minimal_3x3(16 * 16, 512, 512) is winograd.F2_3
+    assert winograd.minimal_3x3(16 * 16, 256, 512) is winograd.F2_3
+    assert winograd.minimal_3x3(2 * 16 * 16, 512, 512) is winograd.F4_3
+    assert winograd.minimal_3x3(16 * 16, 256, 256) is winograd.F4_3
+    assert winograd.minimal_3x3(32 * 32, 512, 512) is winograd.F4_3
+    # The choice shows in the program: 16 transformed weight matrices instead of 36.
+    x = jax.ShapeDtypeStruct((1, 16, 16, 512), jnp.float32)
+    w = jax.ShapeDtypeStruct((3, 3, 512, 512), jnp.float32)
+    out = jax.eval_shape(lambda w_: winograd.weight_transform(w_, winograd.F2_3), w)
+    assert out.shape == (16, 512, 512)
+    text = jax.jit(winograd.conv3x3).lower(x, w).as_text()
+    assert "tensor<16x512x512xf32>" in text and "tensor<36x512x512xf32>" not in text
 
 
 def _direct_2x2(x, w, pad=0):

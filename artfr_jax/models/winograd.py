@@ -1,13 +1,15 @@
-"""Small convolutions by Winograd's minimal filtering F(4x4, r x r) (Lavin & Gray, 2016).
+"""Small convolutions by Winograd's minimal filtering F(m x m, r x r) (Lavin & Gray, 2016).
 
-Each 4x4 block of outputs of an r x r convolution is computed from the (r + 3)^2 block of inputs
-around it with (r + 3)^2 element-wise products per channel pair instead of 16 r^2:
+Each m x m block of outputs of an r x r convolution is computed from the (m + r - 1)^2 block of
+inputs around it with (m + r - 1)^2 element-wise products per channel pair instead of m^2 r^2:
 
     Y = A^T [ (G g G^T) * (B^T d B) ] A        (one tile; * is element-wise)
 
 Summed over input channels, the element-wise products become (r + 3)^2 matmuls
 ``[tiles, C_in] @ [C_in, C_out]``: for F(4x4, 3x3) 36 instead of 144 multiply-adds per tile, a
-quarter; for F(4x4, 2x2) 25 instead of 64. The input transform is sums of tile rows that XLA fuses
+quarter; for F(4x4, 2x2) 25 instead of 64; for F(2x2, 3x3) 16 instead of 36, with 16 instead of 36
+transformed weight matrices to read (``conv3x3`` takes it for few positions and many channels,
+``SMALL_TILE``). The input transform is sums of tile rows that XLA fuses
 into memory-bound loops; the output transform is one small matmul.
 
 Used by ``models.conv`` on the CPU only, in float32: for stride-1 'SAME' 3x3 convolutions of the
@@ -27,7 +29,7 @@ from jax import lax
 
 
 class Minimal(NamedTuple):
-    """The matrices of F(4x4, r x r): ``b_t [s, s]``, ``g [s, r]``, ``a_t [4, s]``, s = r + 3."""
+    """The matrices of F(m x m, r x r): ``b_t [s, s]``, ``g [s, r]``, ``a_t [m, s]``, s = m + r - 1."""
 
     b_t: np.ndarray
     g: np.ndarray
@@ -36,6 +38,11 @@ class Minimal(NamedTuple):
     @property
     def taps(self) -> int:
         return self.g.shape[1]
+
+    @property
+    def tile(self) -> int:
+        """Outputs per tile side, m."""
+        return self.a_t.shape[0]
 
     @property
     def span(self) -> int:
@@ -88,7 +95,12 @@ F4_2 = Minimal(
     np.array([[1 / 2, 0], [-1 / 2, -1 / 2], [-1 / 6, 1 / 6], [1 / 6, 1 / 3], [0, 1]], np.float64),
     np.array([[1, 1, 1, 1, 0], [0, 1, -1, 2, 0], [0, 1, 1, 4, 0], [0, 1, -1, 8, 1]], np.float64),
 )
-TILE = 4  # outputs per tile side
+# F(2, 3) with interpolation points 0, +-1 and infinity.
+F2_3 = Minimal(
+    np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float64),
+    np.array([[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]], np.float64),
+    np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float64),
+)
 
 # (positions, channels) pairs: a convolution of at least that many positions (batch x height x
 # width) and input and output channels runs as Winograd, if it meets either pair. Below them the
@@ -112,6 +124,15 @@ MIN_SIZES = ((16384, 32), (4096, 64), (1024, 128), (256, 256))
 # 16x16x512 21 -> 33 | 29 -> 46. (8 images of 32x32x64: 21 -> 9 | 8 -> 12.)
 MIN_SIZES_2X2 = ((8192, 64), (4096, 128), (1024, 256))
 MIN_SIZES_2X2_INPUT_GRAD = ((4096, 128),)
+# (positions, channel pairs C x O): a Winograd 3x3 convolution of at most that many positions and
+# at least that many channel pairs takes F(2x2, 3x3). There the matmuls have a few dozen tiles and
+# reading F(4x4, 3x3)'s 36 transformed weight matrices dominates; F(2x2, 3x3) reads 16.
+# ``benchmarks/conv_winograd.py`` and a /tmp script, 2 cores, forward ms (direct, F(4x4, 3x3),
+# F(2x2, 3x3)), B x H x W x C -> O: 1x16x16x512->512 12.4, 10.8, 8.0 (twice before: 16.3, 17.2,
+# 12.3 and 11.7, 10.8, 8.4); 1x16x16x512->256 6.8, 5.1, 4.7; 1x16x16x256->512 6.5, 6.1, 5.3;
+# 1x16x16x256->256 4.3, 4.1, 4.7; 2x16x16x512->512 22.7, 14.8, 14.5; 2x16x16x256->512 11.5,
+# 7.3, 7.7; 1x32x32x512->256 23.2, 14.2, 14.5 and 21.6, 10.8, 13.2.
+SMALL_TILE = (256, 256 * 512)
 
 
 def applies_to(positions: int, channels: int, sizes=None) -> bool:
@@ -134,17 +155,17 @@ def _broadcast_combine(matrix: np.ndarray, parts: list[jax.Array], axis: int) ->
     return acc
 
 
-def _tile_rows(x: jax.Array, axis: int, tiles: int, span: int) -> list[jax.Array]:
-    """The ``span`` overlapping input rows of every tile along ``axis``: ``x[4t + k]``, k < span.
+def _tile_rows(x: jax.Array, axis: int, tiles: int, f: Minimal) -> list[jax.Array]:
+    """The ``f.span`` overlapping input rows of every tile along ``axis``: ``x[m t + k]``.
 
     Strided slices, which XLA fuses into the loop that combines them (a reshape of a contiguous
-    slice into [tiles, 4] blocks is a separate copy of the whole input instead)."""
-    last = TILE * (tiles - 1) + 1
-    return [lax.slice_in_dim(x, k, k + last, stride=TILE, axis=axis) for k in range(span)]
+    slice into [tiles, m] blocks is a separate copy of the whole input instead)."""
+    last = f.tile * (tiles - 1) + 1
+    return [lax.slice_in_dim(x, k, k + last, stride=f.tile, axis=axis) for k in range(f.span)]
 
 
-def _tiles(out: int) -> int:
-    return -(-out // TILE)
+def _tiles(out: int, f: Minimal) -> int:
+    return -(-out // f.tile)
 
 
 def input_transform(x: jax.Array, f: Minimal = F4_3, pad: int = 1) -> jax.Array:
@@ -152,20 +173,17 @@ def input_transform(x: jax.Array, f: Minimal = F4_3, pad: int = 1) -> jax.Array:
     stride-1 r x r convolution: [s^2, B * tiles, C] (s = r + 3 inputs per tile side)."""
     b, h, w, c = x.shape
     ho, wo = h + 2 * pad - f.taps + 1, w + 2 * pad - f.taps + 1
-    n, m = _tiles(ho), _tiles(wo)
+    n, m = _tiles(ho, f), _tiles(wo, f)
     # ``pad`` rows/columns in front; behind, zeros up to the last tile's last input.
-    rows_in, cols_in = TILE * n + f.taps - 1, TILE * m + f.taps - 1
+    rows_in, cols_in = f.tile * n + f.taps - 1, f.tile * m + f.taps - 1
     xp = jnp.pad(x, ((0, 0), (pad, rows_in - h - pad), (pad, cols_in - w - pad), (0, 0)))
     # Both passes are elementwise loops, each reading every input about once: along rows, the
     # s sums per tile row sit next to each other (row-major [B, n, s, W', C], stored transposed);
     # along columns, one loop per row sum i. (As stacks of s sums, XLA wrote them as
     # concatenations, one pass over the input per sum: 43 -> 29 ms at 512x512x64, 2 cores.)
-    rows = _broadcast_combine(f.b_t, _tile_rows(xp, 1, n, f.span), 2).transpose(2, 0, 1, 3, 4)
+    rows = _broadcast_combine(f.b_t, _tile_rows(xp, 1, n, f), 2).transpose(2, 0, 1, 3, 4)
     v = jnp.concatenate(
-        [
-            _broadcast_combine(f.b_t, _tile_rows(rows[i : i + 1], 3, m, f.span), 1)
-            for i in range(f.span)
-        ],
+        [_broadcast_combine(f.b_t, _tile_rows(rows[i : i + 1], 3, m, f), 1) for i in range(f.span)],
         0,
     )  # [s, s, B, n, m, C]
     return v.reshape(f.span**2, b * n * m, c)
@@ -185,15 +203,16 @@ def weight_transform(w: jax.Array, f: Minimal = F4_3) -> jax.Array:
 
 
 def output_transform(m: jax.Array, batch: int, n: int, mm: int, f: Minimal = F4_3) -> jax.Array:
-    """``A^T M A`` per tile, tiles put back in place: [s^2, B*n*m, O] -> [B, 4n, 4m, O].
+    """``A^T M A`` per tile, tiles put back in place: [s^2, B*n*m, O] -> [B, t n, t m, O] (t
+    outputs per tile side).
 
-    One [16, s^2] matmul over all tiles and channels (quicker to compile than the unrolled sums
-    of the input transform, and as fast), then the 4x4 blocks are interleaved into the image."""
-    o = m.shape[-1]
+    One [t^2, s^2] matmul over all tiles and channels (quicker to compile than the unrolled sums
+    of the input transform, and as fast), then the t x t blocks are interleaved into the image."""
+    o, t = m.shape[-1], f.tile
     a = jnp.asarray(np.kron(f.a_t, f.a_t), m.dtype)
-    y = lax.dot_general(a, m.reshape(f.span**2, -1), (((1,), (0,)), ((), ())))  # [16, B*n*m*O]
-    y = y.reshape(TILE, TILE, batch, n, mm, o).transpose(2, 3, 0, 4, 1, 5)
-    return y.reshape(batch, TILE * n, TILE * mm, o)
+    y = lax.dot_general(a, m.reshape(f.span**2, -1), (((1,), (0,)), ((), ())))  # [t^2, B*n*m*O]
+    y = y.reshape(t, t, batch, n, mm, o).transpose(2, 3, 0, 4, 1, 5)
+    return y.reshape(batch, t * n, t * mm, o)
 
 
 def _conv(x: jax.Array, w: jax.Array, f: Minimal, pad: int, precision) -> jax.Array:
@@ -211,12 +230,20 @@ def _conv(x: jax.Array, w: jax.Array, f: Minimal, pad: int, precision) -> jax.Ar
         (((2,), (1,)), ((0,), (0,))),
         precision=precision,
     )
-    return output_transform(prods, b, _tiles(ho), _tiles(wo), f)[:, :ho, :wo]
+    return output_transform(prods, b, _tiles(ho, f), _tiles(wo, f), f)[:, :ho, :wo]
+
+
+def minimal_3x3(positions: int, channels_in: int, channels_out: int) -> Minimal:
+    """F(2x2, 3x3) for the sizes in ``SMALL_TILE``, else F(4x4, 3x3)."""
+    max_positions, min_pairs = SMALL_TILE
+    small = positions <= max_positions and channels_in * channels_out >= min_pairs
+    return F2_3 if small else F4_3
 
 
 def conv3x3(x: jax.Array, w: jax.Array, precision=None) -> jax.Array:
     """Stride-1 3x3 convolution with one pixel of zero padding (NHWC x HWIO -> NHWC)."""
-    return _conv(x, w, F4_3, 1, precision)
+    f = minimal_3x3(x.shape[0] * x.shape[1] * x.shape[2], *w.shape[2:])
+    return _conv(x, w, f, 1, precision)
 
 
 def conv3x3_input_grad(dy: jax.Array, w: jax.Array, precision=None) -> jax.Array:
