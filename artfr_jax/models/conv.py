@@ -14,8 +14,9 @@ of output rows, each band a small convolution in XLA:CPU's native NHWC/HWIO layo
 ``benchmarks/conv_weight_grad.py`` times XLA's and the banded weight gradient per shape.
 
 Stride-1 'SAME' 3x3 convolutions on large enough float32 images run their forward and input
-gradient as Winograd F(4x4, 3x3) on the CPU (``models/winograd.py``; ``USE_WINOGRAD``), with a quarter
-of the multiply-adds: 1.2-1.8x faster than XLA:CPU's direct convolution at 64-512 px.
+gradient as Winograd F(4x4, 3x3) on the CPU (``models/winograd.py``; ``USE_WINOGRAD``), with a
+quarter of the multiply-adds: 1.2-1.8x faster than XLA:CPU's direct convolution at 64-512 px
+(F(2x2, 3x3) where few positions meet many channels, ``winograd.SMALL_TILE``).
 
 ``upsample2x_conv`` is nearest x2 upsampling followed by a 3x3 convolution (the decoders'
 ``Upsample``) computed on the input's own grid, with 4/9 of the multiply-adds; on the CPU, large
@@ -118,7 +119,7 @@ def conv_general_dilated(
 
 
 def _winograd_applies(x, w, strides, pads, positions: int) -> bool:
-    """Whether the forward and input gradient run as Winograd F(4x4, 3x3) (``models/winograd``)."""
+    """Whether the forward and input gradient run as Winograd (``models/winograd.conv3x3``)."""
     return (
         USE_WINOGRAD
         and w.shape[:2] == (3, 3)

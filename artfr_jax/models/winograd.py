@@ -5,7 +5,7 @@ inputs around it with (m + r - 1)^2 element-wise products per channel pair inste
 
     Y = A^T [ (G g G^T) * (B^T d B) ] A        (one tile; * is element-wise)
 
-Summed over input channels, the element-wise products become (r + 3)^2 matmuls
+Summed over input channels, the element-wise products become (m + r - 1)^2 matmuls
 ``[tiles, C_in] @ [C_in, C_out]``: for F(4x4, 3x3) 36 instead of 144 multiply-adds per tile, a
 quarter; for F(4x4, 2x2) 25 instead of 64; for F(2x2, 3x3) 16 instead of 36, with 16 instead of 36
 transformed weight matrices to read (``conv3x3`` takes it for few positions and many channels,
@@ -29,7 +29,8 @@ from jax import lax
 
 
 class Minimal(NamedTuple):
-    """The matrices of F(m x m, r x r): ``b_t [s, s]``, ``g [s, r]``, ``a_t [m, s]``, s = m + r - 1."""
+    """The matrices of F(m x m, r x r): ``b_t [s, s]``, ``g [s, r]``, ``a_t [m, s]``; s = m + r - 1
+    inputs per tile side."""
 
     b_t: np.ndarray
     g: np.ndarray
@@ -127,11 +128,11 @@ MIN_SIZES_2X2_INPUT_GRAD = ((4096, 128),)
 # (positions, channel pairs C x O): a Winograd 3x3 convolution of at most that many positions and
 # at least that many channel pairs takes F(2x2, 3x3). There the matmuls have a few dozen tiles and
 # reading F(4x4, 3x3)'s 36 transformed weight matrices dominates; F(2x2, 3x3) reads 16.
-# ``benchmarks/conv_winograd.py`` and a /tmp script, 2 cores, forward ms (direct, F(4x4, 3x3),
-# F(2x2, 3x3)), B x H x W x C -> O: 1x16x16x512->512 12.4, 10.8, 8.0 (twice before: 16.3, 17.2,
-# 12.3 and 11.7, 10.8, 8.4); 1x16x16x512->256 6.8, 5.1, 4.7; 1x16x16x256->512 6.5, 6.1, 5.3;
-# 1x16x16x256->256 4.3, 4.1, 4.7; 2x16x16x512->512 22.7, 14.8, 14.5; 2x16x16x256->512 11.5,
-# 7.3, 7.7; 1x32x32x512->256 23.2, 14.2, 14.5 and 21.6, 10.8, 13.2.
+# ``benchmarks/conv_winograd.py`` and interleaved runs of the three alone, 2 cores, forward ms
+# (direct, F(4x4, 3x3), F(2x2, 3x3)), B x H x W x C -> O: 1x16x16x512->512 12.4, 10.8, 8.0 (in
+# two earlier runs 16.3, 17.2, 12.3 and 11.7, 10.8, 8.4); 1x16x16x512->256 6.8, 5.1, 4.7;
+# 1x16x16x256->512 6.5, 6.1, 5.3; 1x16x16x256->256 4.3, 4.1, 4.7; 2x16x16x512->512 22.7, 14.8,
+# 14.5; 2x16x16x256->512 11.5, 7.3, 7.7; 1x32x32x512->256 23.2, 14.2, 14.5 and 21.6, 10.8, 13.2.
 SMALL_TILE = (256, 256 * 512)
 
 
@@ -170,7 +171,7 @@ def _tiles(out: int, f: Minimal) -> int:
 
 def input_transform(x: jax.Array, f: Minimal = F4_3, pad: int = 1) -> jax.Array:
     """``B^T d B`` for every input tile of ``x`` zero-padded by ``pad`` on each side, for a
-    stride-1 r x r convolution: [s^2, B * tiles, C] (s = r + 3 inputs per tile side)."""
+    stride-1 r x r convolution: [s^2, B * tiles, C] (s = m + r - 1 inputs per tile side)."""
     b, h, w, c = x.shape
     ho, wo = h + 2 * pad - f.taps + 1, w + 2 * pad - f.taps + 1
     n, m = _tiles(ho, f), _tiles(wo, f)
