@@ -1,12 +1,14 @@
-"""Weight-gradient time per convolution shape of the VQGAN: XLA's own against the banded one.
+"""Weight-gradient time per convolution shape of the VQGAN: XLA's own, banded, and patch matmul.
 
   python -m benchmarks.conv_weight_grad --config=paper --size=512 --batch=1
 
 Collects the distinct convolution shapes of the tokenizer's forward pass (with their counts) and,
-for each, times dL/dw three ways: XLA's transpose of the convolution (what ``jax.grad`` emits),
-``artfr_jax.models.conv.weight_grad`` (row bands, what the models use on the CPU) and, when torch
-is installed, ``torch.nn.grad.conv2d_weight`` on the same data. Median of ``--repeats`` runs after
-one warm-up run; totals are weighted by how often each shape occurs in the model.
+for each, times dL/dw four ways: XLA's transpose of the convolution (what ``jax.grad`` emits),
+``artfr_jax.models.conv.weight_grad`` (row bands), ``conv.weight_grad_patches`` (one matmul of
+the input's patches; skipped above ``conv.MAX_PATCH_BYTES``) and, when torch is installed,
+``torch.nn.grad.conv2d_weight`` on the same data. Median of ``--repeats`` runs after one warm-up
+run; totals are weighted by how often each shape occurs in the model, ``as used`` by the path
+``conv.weight_grad_path`` picks.
 """
 
 from __future__ import annotations
@@ -72,14 +74,17 @@ def time_shape(xs, ws, strides, pads, repeats: int, rng) -> dict:
 
     dy = conv_of(w)
     xla = jax.jit(lambda dy: jax.vjp(conv_of, w)[1](dy)[0])
-    banded = jax.jit(lambda x, dy: conv.weight_grad(x, dy, ws, strides, pads))
+    ours = {"banded": jax.jit(lambda x, dy: conv.weight_grad(x, dy, ws, strides, pads))}
+    positions = dy.shape[0] * dy.shape[1] * dy.shape[2]
+    if positions * ws[0] * ws[1] * ws[2] * 4 <= conv.MAX_PATCH_BYTES:
+        ours["patches"] = jax.jit(lambda x, dy: conv.weight_grad_patches(x, dy, ws, strides, pads))
     ref = np.asarray(xla(dy))
-    err = np.abs(np.asarray(banded(x, dy)) - ref).max() / np.abs(ref).max()
-    assert err < 1e-4, f"banded weight gradient differs from XLA's: {err:.1e} of max"
-    t = {
-        "xla": median_ms(lambda: xla(dy).block_until_ready(), repeats),
-        "banded": median_ms(lambda: banded(x, dy).block_until_ready(), repeats),
-    }
+    t = {"xla": median_ms(lambda: xla(dy).block_until_ready(), repeats)}
+    for name, fn in ours.items():
+        err = np.abs(np.asarray(fn(x, dy)) - ref).max() / np.abs(ref).max()
+        assert err < 1e-4, f"{name} weight gradient differs from XLA's: {err:.1e} of max"
+        t[name] = median_ms(lambda fn=fn: fn(x, dy).block_until_ready(), repeats)
+    t["as used"] = t[conv.weight_grad_path(positions, ws, np.float32)]
     try:
         import torch
         from torch.nn.grad import conv2d_weight
@@ -119,7 +124,8 @@ def main():
     for (xs, ws, strides, pads), count in shapes:
         t = time_shape(xs, ws, strides, pads, args.repeats, rng)
         for k, v in t.items():
-            totals[k] += count * v
+            if k != "patches":  # timed only where its patches fit
+                totals[k] += count * v
         out_h = (xs[1] + sum(pads[0]) - ws[0]) // strides[0] + 1
         out_w = (xs[2] + sum(pads[1]) - ws[1]) // strides[1] + 1
         rows = conv.band_rows(xs[0], out_h, out_w)

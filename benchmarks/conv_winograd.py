@@ -30,12 +30,12 @@ def time_shape(xs, ws, repeats: int, rng) -> tuple[dict, dict, float]:
     x = jnp.asarray(rng.standard_normal(xs, np.float32))
     w = jnp.asarray(rng.standard_normal(ws, np.float32) / np.sqrt(9 * ws[2]))
     pads = ((1, 1), (1, 1))
-    banded = xs[0] * xs[1] * xs[2] >= conv.MIN_BANDED_POSITIONS  # the weight gradient as used
+    wgrad = conv.weight_grad_path(xs[0] * xs[1] * xs[2], ws, np.float32)  # as the models
     fns, compile_s, outs = {}, {}, {}
     for name, fast in (("direct", False), ("winograd", True)):
 
         def fwd(x, w, fast=fast):
-            return conv._conv(x, w, (1, 1), pads, None, fast, banded)
+            return conv._conv(x, w, (1, 1), pads, None, fast, wgrad)
 
         def loss(x, w, fast=fast):
             return jnp.sum(fwd(x, w) ** 2) * 0.5

@@ -1,5 +1,5 @@
-"""models/conv.py: the banded weight gradient equals XLA's, and the phase-decomposed upsampling conv
-equals nearest x2 + 3x3 conv, in value and in derivatives."""
+"""models/conv.py: the banded and the patch-matmul weight gradients equal XLA's, and the
+phase-decomposed upsampling conv equals nearest x2 + 3x3 conv, in value and in derivatives."""
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +12,7 @@ from artfr_jax.models import conv, winograd
 from artfr_jax.models.layers import Conv
 
 DN = ("NHWC", "HWIO", "NHWC")
+DEFAULT_MIN_BANDED_POSITIONS = conv.MIN_BANDED_POSITIONS  # before the fixtures lower it
 
 CASES = [
     # batch, height, width, in, out, kernel, stride, padding
@@ -28,6 +29,18 @@ CASES = [
 def _band_small_convs(monkeypatch):
     """The tests' convolutions are tiny; take the banded path for them anyway."""
     monkeypatch.setattr(conv, "MIN_BANDED_POSITIONS", 0)
+
+
+# Thresholds (MIN_BANDED_POSITIONS, MAX_PATCH_BYTES) that send every convolution down one path.
+WGRAD_PATHS = {"banded": (0, 0), "patches": (10**9, 10**12), "xla": (10**9, 0)}
+
+
+@pytest.fixture(params=sorted(WGRAD_PATHS))
+def wgrad(request, monkeypatch):
+    banded, patch_bytes = WGRAD_PATHS[request.param]
+    monkeypatch.setattr(conv, "MIN_BANDED_POSITIONS", banded)
+    monkeypatch.setattr(conv, "MAX_PATCH_BYTES", patch_bytes)
+    return request.param
 
 
 def _data(b, h, w, c, o, k, seed=0):
@@ -52,7 +65,32 @@ def test_weight_grad_matches_xla(case, rows):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_conv_values_and_gradients_match_lax(case):
+def test_weight_grad_patches_matches_xla(case):
+    b, h, w, c, o, k, s, pad = case
+    x, kernel = _data(b, h, w, c, o, k, seed=2)
+    y, vjp = jax.vjp(
+        lambda k_: lax.conv_general_dilated(x, k_, (s, s), pad, dimension_numbers=DN), kernel
+    )
+    dy = jnp.cos(y)
+    pads = lax.padtype_to_pads(x.shape[1:3], (k, k), (s, s), pad) if isinstance(pad, str) else pad
+    got = conv.weight_grad_patches(x, dy, kernel.shape, (s, s), tuple(map(tuple, pads)))
+    assert got.shape == kernel.shape
+    np.testing.assert_allclose(got, vjp(dy)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_weight_grad_path_by_size(monkeypatch):
+    """Banded from MIN_BANDED_POSITIONS on; below, the patch matmul while its patches fit in
+    MAX_PATCH_BYTES (the paper step's 64x64x256 level at 6 images), else XLA's."""
+    monkeypatch.setattr(conv, "MIN_BANDED_POSITIONS", DEFAULT_MIN_BANDED_POSITIONS)
+    assert conv.weight_grad_path(4 * 128 * 128, (3, 3, 64, 64), jnp.float32) == "banded"
+    assert conv.weight_grad_path(6 * 64 * 64, (3, 3, 256, 256), jnp.float32) == "patches"
+    assert conv.weight_grad_path(8 * 64 * 64, (3, 3, 32, 32), jnp.float32) == "patches"
+    assert conv.weight_grad_path(6 * 64 * 64, (3, 3, 512, 512), jnp.float32) == "xla"
+    assert conv.weight_grad_path(6 * 64 * 64, (3, 3, 512, 512), jnp.bfloat16) == "patches"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_conv_values_and_gradients_match_lax(case, wgrad):
     b, h, w, c, o, k, s, pad = case
     x, kernel = _data(b, h, w, c, o, k, seed=1)
     dn = lax.conv_dimension_numbers(x.shape, kernel.shape, DN)
@@ -86,19 +124,24 @@ def test_banded_path_is_taken_on_cpu_and_only_for_plain_convs():
     assert "custom_vjp" not in dilated
 
 
-def test_small_convs_keep_xla_weight_gradient(monkeypatch):
+def test_convs_with_too_many_patches_keep_xla_weight_gradient(monkeypatch):
     x, kernel = _data(1, 8, 8, 2, 3, 3)
     dn = lax.conv_dimension_numbers(x.shape, kernel.shape, DN)
     monkeypatch.setattr(conv, "MIN_BANDED_POSITIONS", 8 * 8 + 1)
-    jaxpr = str(
-        jax.make_jaxpr(
-            lambda k_: conv.conv_general_dilated(x, k_, (1, 1), "SAME", dimension_numbers=dn)
-        )(kernel)
-    )
-    assert "custom_vjp" not in jaxpr
+
+    def jaxpr():
+        return str(
+            jax.make_jaxpr(
+                lambda k_: conv.conv_general_dilated(x, k_, (1, 1), "SAME", dimension_numbers=dn)
+            )(kernel)
+        )
+
+    assert ("custom_vjp" in jaxpr()) == conv.banded_backend()  # 8x8 positions: patches
+    monkeypatch.setattr(conv, "MAX_PATCH_BYTES", 8 * 8 * 9 * 2 * 4 - 1)
+    assert "custom_vjp" not in jaxpr()
 
 
-def test_second_order_gradients_match_lax():
+def test_second_order_gradients_match_lax(wgrad):
     """R1 penalties differentiate the input gradient of a discriminator again."""
     x, kernel = _data(2, 8, 8, 3, 4, 3)
     dn = lax.conv_dimension_numbers(x.shape, kernel.shape, DN)

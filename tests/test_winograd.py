@@ -1,6 +1,6 @@
 """models/winograd.py and its use by models/conv.py: Winograd F(4x4, 3x3) and F(2x2, 3x3) equal the
-direct 3x3 'SAME' convolution and F(4x4, 2x2) the 2x2 'VALID' one in value and derivatives, and
-the CPU models take them only where they pay."""
+direct 3x3 'SAME' convolution (value, input and weight gradients) and F(4x4, 2x2) the 2x2 'VALID'
+one in value and input gradient, and the CPU models take them only where they pay."""
 
 import jax
 import jax.extend
@@ -75,6 +75,16 @@ def test_input_gradient_equals_direct_convolutions(shape, tile):
     assert _rel(winograd.conv3x3_input_grad(dy, w), vjp(dy)[0]) < 1e-5
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+def test_weight_gradient_equals_xla(shape, tile):
+    x, w = _data(*shape, seed=5)
+    y, vjp = jax.vjp(lambda w_: _direct(x, w_), w)
+    dy = jnp.cos(3 * y)
+    dw = winograd.conv3x3_weight_grad(x, dy)
+    assert dw.shape == w.shape
+    assert _rel(dw, vjp(dy)[0]) < 1e-5
+
+
 @pytest.mark.parametrize(
     "f",
     [winograd.F4_3, winograd.F4_2, winograd.F2_3],
@@ -139,23 +149,21 @@ def test_rejects_other_kernels():
         winograd.conv2x2(jnp.zeros((1, 4, 4, 2)), jnp.zeros((2, 2, 3, 2)))
 
 
-@pytest.mark.parametrize("banded", [True, False])
-def test_models_conv_takes_it_with_gradients_equal_to_lax(monkeypatch, banded):
-    """Above the thresholds (lowered here) the forward has no convolution left; the value and the
-    gradients for input and kernel (banded or XLA's weight gradient) equal lax's."""
+def test_models_conv_takes_it_with_gradients_equal_to_lax(monkeypatch):
+    """Above the thresholds (lowered here) neither the forward nor the backward has a convolution
+    left; the value and the gradients for input and kernel equal lax's."""
     monkeypatch.setattr(winograd, "MIN_SIZES", ((0, 1),))
-    monkeypatch.setattr(conv, "MIN_BANDED_POSITIONS", 0 if banded else 10**9)
     x, w = _data(2, 10, 12, 4, 6, seed=3)
 
     def ours(x_, w_):
         return conv.conv_general_dilated(x_, w_, (1, 1), "SAME", dimension_numbers=DN)
 
-    assert "conv_general_dilated" not in _primitives(ours, x, w)
-    np.testing.assert_allclose(jax.jit(ours)(x, w), _direct(x, w), rtol=1e-4, atol=1e-5)
-
     def loss(fn):
         return lambda x_, w_: jnp.sum(jnp.sin(fn(x_, w_)))
 
+    assert "conv_general_dilated" not in _primitives(ours, x, w)
+    assert "conv_general_dilated" not in _primitives(jax.grad(loss(ours), argnums=(0, 1)), x, w)
+    np.testing.assert_allclose(jax.jit(ours)(x, w), _direct(x, w), rtol=1e-4, atol=1e-5)
     got = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(x, w)
     want = jax.grad(loss(_direct), argnums=(0, 1))(x, w)
     for g, r in zip(got, want, strict=True):

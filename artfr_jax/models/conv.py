@@ -1,4 +1,5 @@
-"""The models' 2-D convolutions: on the CPU, weight gradients in row bands and Winograd.
+"""The models' 2-D convolutions: on the CPU, weight gradients in row bands or as patch matmuls,
+and Winograd.
 
 ``conv_general_dilated`` is a drop-in for ``lax.conv_general_dilated`` (flax ``nn.Conv`` takes it as
 its ``conv_general_dilated`` field; parameters and results are unchanged). On accelerators, and for
@@ -8,10 +9,11 @@ Why: for ``dL/dw`` XLA emits one convolution whose window is the whole output im
 contraction runs over batch x height x width. XLA:CPU's kernel for that shape slows down sharply as
 the contraction grows: at 512 px its weight gradients took 5x torch's time and made a VQGAN training
 step 2.3x slower than diffusers' (``benchmarks/vqgan_vs_diffusers.py``), while its forward and
-input-gradient convolutions run at about torch's speed. Here the weight gradient is a sum over bands
-of output rows, each band a small convolution in XLA:CPU's native NHWC/HWIO layout, looped with
-``lax.scan`` so the program stays small; 1x1 convolutions are matmuls over channels.
-``benchmarks/conv_weight_grad.py`` times XLA's and the banded weight gradient per shape.
+input-gradient convolutions run at about torch's speed. Here the weight gradient of a large
+convolution is a sum over bands of output rows, each band a small convolution in XLA:CPU's native
+NHWC/HWIO layout, looped with ``lax.scan`` so the program stays small; that of a smaller one is one
+matmul of the input's patches against ``dy`` (``weight_grad_path``); 1x1 convolutions are matmuls
+over channels. ``benchmarks/conv_weight_grad.py`` times the three weight gradients per shape.
 
 Stride-1 'SAME' 3x3 convolutions on large enough float32 images run their forward and input
 gradient as Winograd F(4x4, 3x3) on the CPU (``models/winograd.py``; ``USE_WINOGRAD``), with a
@@ -38,10 +40,14 @@ from artfr_jax.models import winograd
 # Rows per band are chosen so that one band contracts over about this many (batch, row, column)
 # positions; XLA:CPU's weight-gradient kernel is fastest from roughly 1k to 4k of them.
 BAND_POSITIONS = 2048
-# Below this many output positions (batch x height x width) XLA's own weight gradient is as fast
-# or faster (the scan's per-band overhead dominates): 2x128x128 is about even, 1x256x256 is 3.7x
-# faster banded, 8x64x64 training steps (the demo) ran about 20% slower banded.
+# Below this many output positions (batch x height x width) the weight gradient is not banded:
+# there the scan's per-band overhead dominates (2x128x128 was about even with XLA's own kernel,
+# 1x256x256 3.7x faster banded). It is one matmul of x's patches instead (``weight_grad_patches``).
 MIN_BANDED_POSITIONS = 65536
+# ... as long as the patches, ``positions x kh kw C`` floats, take at most this many bytes; larger
+# ones keep XLA's weight gradient. XLA:CPU's kernel ran at 15-40 GFLOP/s below the banded sizes,
+# the patch matmul at 60-120; ``benchmarks/conv_weight_grad.py`` times the three per shape.
+MAX_PATCH_BYTES = 256 * 2**20
 
 _NHWC = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
 
@@ -112,10 +118,20 @@ def conv_general_dilated(
     out_w = (lhs.shape[2] + sum(pads[1]) - rhs.shape[1]) // strides[1] + 1
     positions = lhs.shape[0] * out_h * out_w
     fast = _winograd_applies(lhs, rhs, strides, pads, positions)
-    banded = positions >= MIN_BANDED_POSITIONS
-    if not (fast or banded):
+    wgrad = weight_grad_path(positions, rhs.shape, lhs.dtype)
+    if not fast and wgrad == "xla":
         return lax.conv_general_dilated(lhs, rhs, strides, pads, **kwargs)
-    return _conv(lhs, rhs, strides, pads, precision, fast, banded)
+    return _conv(lhs, rhs, strides, pads, precision, fast, wgrad)
+
+
+def weight_grad_path(positions: int, w_shape: Sequence[int], dtype) -> str:
+    """How the CPU computes ``dL/dw``: ``"banded"`` (``weight_grad``), ``"patches"``
+    (``weight_grad_patches``) or ``"xla"`` (XLA's transpose of the convolution)."""
+    if positions >= MIN_BANDED_POSITIONS:
+        return "banded"
+    kh, kw, c = (int(d) for d in w_shape[:3])
+    patch_bytes = positions * kh * kw * c * jnp.dtype(dtype).itemsize
+    return "patches" if patch_bytes <= MAX_PATCH_BYTES else "xla"
 
 
 def _winograd_applies(x, w, strides, pads, positions: int) -> bool:
@@ -137,19 +153,19 @@ def _plain(x, w, strides, pads, precision):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
-def _conv(x, w, strides, pads, precision, fast, banded):
-    """The convolution; ``fast``: Winograd forward and input gradient (a 'SAME' 3x3);
-    ``banded``: the weight gradient in row bands (else XLA's)."""
+def _conv(x, w, strides, pads, precision, fast, wgrad):
+    """The convolution; ``fast``: Winograd forward and gradients (a 'SAME' 3x3); else ``wgrad``:
+    the weight gradient's path (``weight_grad_path``)."""
     if fast:
         return winograd.conv3x3(x, w, precision)
     return _plain(x, w, strides, pads, precision)
 
 
-def _conv_fwd(x, w, strides, pads, precision, fast, banded):
-    return _conv(x, w, strides, pads, precision, fast, banded), (x, w)
+def _conv_fwd(x, w, strides, pads, precision, fast, wgrad):
+    return _conv(x, w, strides, pads, precision, fast, wgrad), (x, w)
 
 
-def _conv_bwd(strides, pads, precision, fast, banded, res, dy):
+def _conv_bwd(strides, pads, precision, fast, wgrad, res, dy):
     x, w = res
     if fast:
         dx = winograd.conv3x3_input_grad(dy, w, precision)
@@ -158,8 +174,12 @@ def _conv_bwd(strides, pads, precision, fast, banded, res, dy):
             lambda x_: _plain(x_, w, strides, pads, precision),
             jax.ShapeDtypeStruct(x.shape, x.dtype),
         )(dy)
-    if banded:
+    if fast:
+        dw = winograd.conv3x3_weight_grad(x, dy, precision)
+    elif wgrad == "banded":
         dw = weight_grad(x, dy, w.shape, strides, pads, precision)
+    elif wgrad == "patches":
+        dw = weight_grad_patches(x, dy, w.shape, strides, pads, precision)
     else:
         (dw,) = jax.linear_transpose(
             lambda w_: _plain(x, w_, strides, pads, precision),
@@ -169,6 +189,46 @@ def _conv_bwd(strides, pads, precision, fast, banded, res, dy):
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def weight_grad_patches(
+    x: jax.Array,
+    dy: jax.Array,
+    w_shape: Sequence[int],
+    strides: tuple[int, int],
+    pads: tuple[tuple[int, int], tuple[int, int]],
+    precision: Any = None,
+) -> jax.Array:
+    """``dL/dw`` of ``y = conv(x, w)`` (NHWC/HWIO) as one matmul over all output positions:
+    ``dw[(i, j, c), o] = sum_{n, h, v} P[n, h, v, (i, j, c)] dy[n, h, v, o]`` with the patches
+    ``P[n, h, v, (i, j, c)] = x_pad[n, s h + i, s v + j, c]`` (kh kw strided slices of the padded
+    ``x``, side by side). Shapes: ``x [B, H, W, C]``, ``dy [B, Ho, Wo, O]`` -> ``[kh, kw, C, O]``.
+    """
+    kh, kw = int(w_shape[0]), int(w_shape[1])
+    (sh, sw), (b, ho, wo, o) = strides, dy.shape
+    c = x.shape[-1]
+    xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
+    patches = jnp.concatenate(
+        [
+            lax.slice(
+                xp,
+                (0, i, j, 0),
+                (b, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c),
+                (1, sh, sw, 1),
+            )
+            for i in range(kh)
+            for j in range(kw)
+        ],
+        axis=-1,
+    )
+    dw = lax.dot_general(
+        patches,
+        dy,
+        (((0, 1, 2), (0, 1, 2)), ((), ())),
+        precision=precision,
+        preferred_element_type=jnp.promote_types(x.dtype, jnp.float32),
+    )
+    return dw.reshape(kh, kw, c, o)
 
 
 def band_rows(batch: int, out_height: int, out_width: int) -> int:
@@ -382,18 +442,8 @@ def _phase_bwd(precision, preferred_element_type, res, dz):
             lambda x_: _phase_plain(x_, k, precision, preferred_element_type),
             jax.ShapeDtypeStruct(xp.shape, xp.dtype),
         )(dz)
-    b, hp, wp, c = xp.shape
-    patches = jnp.concatenate(
-        [xp[:, r : r + hp - 1, s : s + wp - 1] for r in (0, 1) for s in (0, 1)], axis=-1
-    )
-    dk = lax.dot_general(
-        patches.reshape(-1, 4 * c),
-        dz.reshape(-1, dz.shape[-1]),
-        (((0,), (0,)), ((), ())),
-        precision=precision,
-        preferred_element_type=jnp.float32,
-    )
-    return dxp, dk.reshape(k.shape).astype(k.dtype)
+    dk = weight_grad_patches(xp, dz, k.shape, (1, 1), ((0, 0), (0, 0)), precision)
+    return dxp, dk.astype(k.dtype)
 
 
 _phase_conv_cpu.defvjp(_phase_fwd, _phase_bwd)

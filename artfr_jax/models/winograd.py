@@ -252,6 +252,31 @@ def conv3x3_input_grad(dy: jax.Array, w: jax.Array, precision=None) -> jax.Array
     return conv3x3(dy, jnp.flip(w, (0, 1)).swapaxes(2, 3), precision)
 
 
+def conv3x3_weight_grad(x: jax.Array, dy: jax.Array, precision=None) -> jax.Array:
+    """Gradient of ``conv3x3(x, w)`` with respect to ``w``: ``[B, H, W, C], [B, H, W, O] ->
+    [3, 3, C, O]``, by the same minimal filtering run backwards.
+
+    With ``y = A^T [U * V] A`` per tile and ``U = G g G^T``: ``dM = A dy A^T`` per 4x4 (2x2) tile
+    of ``dy``, ``dU[k] = V[k]^T dM[k]`` (one [C, tiles] @ [tiles, O] matmul per k < s^2) and
+    ``dg = G^T dU G``. A quarter of the direct multiply-adds (F(4x4, 3x3)), and matmuls instead of
+    XLA:CPU's weight-gradient convolution (at 512x512x64: 169 ms, banded 624 ms)."""
+    b, h, wd, c = x.shape
+    o = dy.shape[-1]
+    f = minimal_3x3(b * h * wd, c, o)
+    t, n, m = f.tile, _tiles(h, f), _tiles(wd, f)
+    v = input_transform(x, f, 1)  # [s^2, T, C]
+    dyp = jnp.pad(dy, ((0, 0), (0, t * n - h), (0, t * m - wd), (0, 0)))
+    dyt = dyp.reshape(b, n, t, m, t, o).transpose(2, 4, 0, 1, 3, 5).reshape(t * t, -1)
+    a = jnp.asarray(np.kron(f.a_t, f.a_t), dy.dtype)  # [t^2, s^2]
+    dm = lax.dot_general(a, dyt, (((0,), (0,)), ((), ()))).reshape(f.span**2, b * n * m, o)
+    du = lax.dot_general(v, dm, (((1,), (1,)), ((0,), (0,))), precision=precision)  # [s^2, C, O]
+    k = jnp.asarray(np.kron(f.g, f.g), du.dtype)  # [s^2, 9]
+    dg = lax.dot_general(
+        k, du.reshape(f.span**2, -1), (((0,), (0,)), ((), ())), precision=lax.Precision.HIGHEST
+    )
+    return dg.reshape(3, 3, c, o)
+
+
 def conv2x2(x: jax.Array, w: jax.Array, precision=None) -> jax.Array:
     """Stride-1 2x2 'VALID' convolution: ``[B, H, W, C] x [2, 2, C, O] -> [B, H-1, W-1, O]``."""
     return _conv(x, w, F4_2, 0, precision)
