@@ -7,7 +7,7 @@ low-resolution input with ``4 O`` outputs (``models/conv.upsample2x_conv``). For
 convolutions in the tokenizer's forward pass this times the forward and the input gradient three
 ways: XLA's direct convolution, Winograd F(4x4, 2x2) (``models/winograd.conv2x2`` and
 ``conv2x2_input_grad``), and the path the models take with the default thresholds
-(``winograd.MIN_SIZES_2X2``, ``MIN_SIZES_2X2_INPUT_GRAD``). Median of ``--repeats`` interleaved
+(``winograd.MIN_SIZES_2X2``, ``MIN_SIZES_2X2_GRADS``). Median of ``--repeats`` interleaved
 runs after one warm-up run; totals are weighted by how often each shape occurs.
 """
 
@@ -25,7 +25,7 @@ from benchmarks.conv_weight_grad import parse_and_collect
 from benchmarks.conv_winograd import shape_line
 from benchmarks.vqgan_vs_diffusers import timed
 
-_TABLES = ("MIN_SIZES_2X2", "MIN_SIZES_2X2_INPUT_GRAD")
+_TABLES = ("MIN_SIZES_2X2", "MIN_SIZES_2X2_GRADS")
 
 
 def _compiled(fn, args, tables):

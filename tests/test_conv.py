@@ -198,7 +198,7 @@ def test_upsample2x_conv_as_winograd_equals_upsample_then_conv(monkeypatch, shap
     """With the thresholds lowered, the phase convolution and its input gradient run as Winograd
     F(4x4, 2x2): no convolution is left in the forward, values and gradients are unchanged."""
     monkeypatch.setattr(winograd, "MIN_SIZES_2X2", ((0, 1),))
-    monkeypatch.setattr(winograd, "MIN_SIZES_2X2_INPUT_GRAD", ((0, 1),))
+    monkeypatch.setattr(winograd, "MIN_SIZES_2X2_GRADS", ((0, 1),))
     b, h, w, c, o = shape
     x, kernel = _data(b, h, w, c, o, 3, seed=w)
     cot = jnp.asarray(np.random.default_rng(2).standard_normal((b, 2 * h, 2 * w, o)), jnp.float32)

@@ -79,7 +79,7 @@ def conv_path(request, monkeypatch):
     """Every 3x3 convolution direct, or (thresholds lowered) as Winograd on the CPU: F(4x4, 3x3),
     and F(4x4, 2x2) for the upsampling's phase convolution."""
     if request.param == "winograd":
-        for table in ("MIN_SIZES", "MIN_SIZES_2X2", "MIN_SIZES_2X2_INPUT_GRAD"):
+        for table in ("MIN_SIZES", "MIN_SIZES_2X2", "MIN_SIZES_2X2_GRADS"):
             monkeypatch.setattr(winograd, table, ((0, 1),))
     return request.param
 

@@ -1,6 +1,6 @@
 """models/winograd.py and its use by models/conv.py: Winograd F(4x4, 3x3) and F(2x2, 3x3) equal the
-direct 3x3 'SAME' convolution (value, input and weight gradients) and F(4x4, 2x2) the 2x2 'VALID'
-one in value and input gradient, and the CPU models take them only where they pay."""
+direct 3x3 'SAME' convolution and F(4x4, 2x2) the 2x2 'VALID' one in value, input and weight
+gradients, and the CPU models take them only where they pay."""
 
 import jax
 import jax.extend
@@ -126,7 +126,7 @@ def _direct_2x2(x, w, pad=0):
 
 
 @pytest.mark.parametrize("shape", SHAPES[:3] + [(2, 12, 20, 16, 8)])
-def test_conv2x2_and_its_input_gradient_equal_direct_convolutions(shape):
+def test_conv2x2_and_its_gradients_equal_direct_convolutions(shape):
     b, h, w_, c, o = shape
     rng = np.random.default_rng(4)
     x = jnp.asarray(rng.standard_normal((b, h + 1, w_ + 1, c)), jnp.float32)
@@ -140,6 +140,10 @@ def test_conv2x2_and_its_input_gradient_equal_direct_convolutions(shape):
     dx = winograd.conv2x2_input_grad(dy, w)
     assert dx.shape == x.shape
     assert _rel(dx, vjp(dy)[0]) < 1e-5
+    _, vjp_w = jax.vjp(lambda w_: _direct_2x2(x, w_), w)
+    dw = winograd.conv2x2_weight_grad(x, dy)
+    assert dw.shape == w.shape
+    assert _rel(dw, vjp_w(dy)[0]) < 1e-5
 
 
 def test_rejects_other_kernels():

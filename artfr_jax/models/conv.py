@@ -15,8 +15,8 @@ NHWC/HWIO layout, looped with ``lax.scan`` so the program stays small; that of a
 matmul of the input's patches against ``dy`` (``weight_grad_path``); 1x1 convolutions are matmuls
 over channels. ``benchmarks/conv_weight_grad.py`` times the three weight gradients per shape.
 
-Stride-1 'SAME' 3x3 convolutions on large enough float32 images run their forward and input
-gradient as Winograd F(4x4, 3x3) on the CPU (``models/winograd.py``; ``USE_WINOGRAD``), with a
+Stride-1 'SAME' 3x3 convolutions on large enough float32 images run their forward and both
+gradients as Winograd F(4x4, 3x3) on the CPU (``models/winograd.py``; ``USE_WINOGRAD``), with a
 quarter of the multiply-adds: 1.2-1.8x faster than XLA:CPU's direct convolution at 64-512 px
 (F(2x2, 3x3) where few positions meet many channels, ``winograd.SMALL_TILE``).
 
@@ -406,7 +406,7 @@ def _phase_conv(xp, k, precision, preferred_element_type):
 
 
 def _phase_winograd(xp, k, preferred_element_type, sizes) -> bool:
-    """Whether the phase convolution (or its input gradient) runs as Winograd F(4x4, 2x2)."""
+    """Whether the phase convolution (or its gradients) runs as Winograd F(4x4, 2x2)."""
     b, hp, wp, c = xp.shape
     return (
         USE_WINOGRAD
@@ -432,17 +432,19 @@ def _phase_fwd(xp, k, precision, preferred_element_type):
 
 
 def _phase_bwd(precision, preferred_element_type, res, dz):
-    # dL/dk as one matmul over the 2x2 patches: XLA:CPU's convolution weight gradient for this
-    # shape (a 2x2 kernel with 4 O outputs) ran at a quarter of its matmul speed.
+    # dL/dk as Winograd F(4x4, 2x2) run backwards or one matmul over the 2x2 patches: XLA:CPU's
+    # convolution weight gradient for this shape (a 2x2 kernel with 4 O outputs) ran at a quarter
+    # of its matmul speed.
     xp, k = res
-    if _phase_winograd(xp, k, preferred_element_type, winograd.MIN_SIZES_2X2_INPUT_GRAD):
+    if _phase_winograd(xp, k, preferred_element_type, winograd.MIN_SIZES_2X2_GRADS):
         dxp = winograd.conv2x2_input_grad(dz, k, precision)
+        dk = winograd.conv2x2_weight_grad(xp, dz, precision)
     else:
         (dxp,) = jax.linear_transpose(
             lambda x_: _phase_plain(x_, k, precision, preferred_element_type),
             jax.ShapeDtypeStruct(xp.shape, xp.dtype),
         )(dz)
-    dk = weight_grad_patches(xp, dz, k.shape, (1, 1), ((0, 0), (0, 0)), precision)
+        dk = weight_grad_patches(xp, dz, k.shape, (1, 1), ((0, 0), (0, 0)), precision)
     return dxp, dk.astype(k.dtype)
 
 

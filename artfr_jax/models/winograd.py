@@ -124,7 +124,11 @@ MIN_SIZES = ((16384, 32), (4096, 64), (1024, 128), (256, 256))
 # 64x64x128 19 -> 12 | 17 -> 13; 128x128x64 22 -> 14 | 18 -> 37; 32x32x256 25 -> 16 | 18 -> 27;
 # 16x16x512 21 -> 33 | 29 -> 46. (8 images of 32x32x64: 21 -> 9 | 8 -> 12.)
 MIN_SIZES_2X2 = ((8192, 64), (4096, 128), (1024, 256))
-MIN_SIZES_2X2_INPUT_GRAD = ((4096, 128),)
+# Its input and weight gradients (``_phase_bwd``) take it above ``MIN_SIZES_2X2_GRADS``. Weight
+# gradient, patch matmul -> Winograd (ms; measured while another job shared the 2 cores), input
+# HxWxC -> 4 O: 258x258x128 660 -> 460; 130x130x128 156 -> 115; 66x66x256 142 -> 81; 34x34x256
+# 29 -> 29; 18x18x512 41 -> 72; 8 images of 34x34x64 22 -> 31.
+MIN_SIZES_2X2_GRADS = ((4096, 128),)
 # (positions, channel pairs C x O): a Winograd 3x3 convolution of at most that many positions and
 # at least that many channel pairs takes F(2x2, 3x3). There the matmuls have a few dozen tiles and
 # reading F(4x4, 3x3)'s 36 transformed weight matrices dominates; F(2x2, 3x3) reads 16.
@@ -252,34 +256,45 @@ def conv3x3_input_grad(dy: jax.Array, w: jax.Array, precision=None) -> jax.Array
     return conv3x3(dy, jnp.flip(w, (0, 1)).swapaxes(2, 3), precision)
 
 
-def conv3x3_weight_grad(x: jax.Array, dy: jax.Array, precision=None) -> jax.Array:
-    """Gradient of ``conv3x3(x, w)`` with respect to ``w``: ``[B, H, W, C], [B, H, W, O] ->
-    [3, 3, C, O]``, by the same minimal filtering run backwards.
+def _weight_grad(x: jax.Array, dy: jax.Array, f: Minimal, pad: int, precision) -> jax.Array:
+    """``dL/dw`` of ``_conv(x, w, f, pad)`` for its output gradient ``dy`` -> [r, r, C, O].
 
-    With ``y = A^T [U * V] A`` per tile and ``U = G g G^T``: ``dM = A dy A^T`` per 4x4 (2x2) tile
-    of ``dy``, ``dU[k] = V[k]^T dM[k]`` (one [C, tiles] @ [tiles, O] matmul per k < s^2) and
-    ``dg = G^T dU G``. A quarter of the direct multiply-adds (F(4x4, 3x3)), and matmuls instead of
-    XLA:CPU's weight-gradient convolution (at 512x512x64: 169 ms, banded 624 ms)."""
-    b, h, wd, c = x.shape
-    o = dy.shape[-1]
-    f = minimal_3x3(b * h * wd, c, o)
-    t, n, m = f.tile, _tiles(h, f), _tiles(wd, f)
-    v = input_transform(x, f, 1)  # [s^2, T, C]
-    dyp = jnp.pad(dy, ((0, 0), (0, t * n - h), (0, t * m - wd), (0, 0)))
+    With ``y = A^T [U * V] A`` per tile and ``U = G g G^T``: ``dM = A dy A^T`` per output tile of
+    ``dy``, ``dU[k] = V[k]^T dM[k]`` (one [C, tiles] @ [tiles, O] matmul per k < s^2) and
+    ``dg = G^T dU G``: the forward's multiply-add saving, and matmuls instead of XLA:CPU's
+    weight-gradient convolution (3x3 at 512x512x64: 169 ms, banded 624 ms)."""
+    b, ho, wo, o = dy.shape
+    c, t = x.shape[-1], f.tile
+    n, m = _tiles(ho, f), _tiles(wo, f)
+    v = input_transform(x, f, pad)  # [s^2, B*n*m, C]
+    dyp = jnp.pad(dy, ((0, 0), (0, t * n - ho), (0, t * m - wo), (0, 0)))
     dyt = dyp.reshape(b, n, t, m, t, o).transpose(2, 4, 0, 1, 3, 5).reshape(t * t, -1)
     a = jnp.asarray(np.kron(f.a_t, f.a_t), dy.dtype)  # [t^2, s^2]
     dm = lax.dot_general(a, dyt, (((0,), (0,)), ((), ()))).reshape(f.span**2, b * n * m, o)
     du = lax.dot_general(v, dm, (((1,), (1,)), ((0,), (0,))), precision=precision)  # [s^2, C, O]
-    k = jnp.asarray(np.kron(f.g, f.g), du.dtype)  # [s^2, 9]
+    k = jnp.asarray(np.kron(f.g, f.g), du.dtype)  # [s^2, r^2]
     dg = lax.dot_general(
         k, du.reshape(f.span**2, -1), (((0,), (0,)), ((), ())), precision=lax.Precision.HIGHEST
     )
-    return dg.reshape(3, 3, c, o)
+    return dg.reshape(f.taps, f.taps, c, o)
+
+
+def conv3x3_weight_grad(x: jax.Array, dy: jax.Array, precision=None) -> jax.Array:
+    """Gradient of ``conv3x3(x, w)`` with respect to ``w``: ``[B, H, W, C], [B, H, W, O] ->
+    [3, 3, C, O]``, by the same minimal filtering run backwards (``_weight_grad``)."""
+    b, h, wd, c = x.shape
+    return _weight_grad(x, dy, minimal_3x3(b * h * wd, c, dy.shape[-1]), 1, precision)
 
 
 def conv2x2(x: jax.Array, w: jax.Array, precision=None) -> jax.Array:
     """Stride-1 2x2 'VALID' convolution: ``[B, H, W, C] x [2, 2, C, O] -> [B, H-1, W-1, O]``."""
     return _conv(x, w, F4_2, 0, precision)
+
+
+def conv2x2_weight_grad(x: jax.Array, dy: jax.Array, precision=None) -> jax.Array:
+    """Gradient of ``conv2x2(x, w)`` with respect to ``w``: ``[B, H, W, C], [B, H-1, W-1, O] ->
+    [2, 2, C, O]`` (``_weight_grad``)."""
+    return _weight_grad(x, dy, F4_2, 0, precision)
 
 
 def conv2x2_input_grad(dy: jax.Array, w: jax.Array, precision=None) -> jax.Array:
