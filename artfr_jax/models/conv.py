@@ -135,7 +135,7 @@ def weight_grad_path(positions: int, w_shape: Sequence[int], dtype) -> str:
 
 
 def _winograd_applies(x, w, strides, pads, positions: int) -> bool:
-    """Whether the forward and input gradient run as Winograd (``models/winograd.conv3x3``)."""
+    """Whether the forward and both gradients run as Winograd (``models/winograd.conv3x3``)."""
     return (
         USE_WINOGRAD
         and w.shape[:2] == (3, 3)

@@ -264,19 +264,16 @@ def _weight_grad(x: jax.Array, dy: jax.Array, f: Minimal, pad: int, precision) -
     ``dg = G^T dU G``: the forward's multiply-add saving, and matmuls instead of XLA:CPU's
     weight-gradient convolution (3x3 at 512x512x64: 169 ms, banded 624 ms)."""
     b, ho, wo, o = dy.shape
-    c, t = x.shape[-1], f.tile
-    n, m = _tiles(ho, f), _tiles(wo, f)
+    c, n, m = x.shape[-1], _tiles(ho, f), _tiles(wo, f)
+    tiles = jax.ShapeDtypeStruct((f.span**2, b * n * m, o), dy.dtype)
+    # dM and dg: the transposes of the forward's output and weight transforms.
+    (dm,) = jax.linear_transpose(lambda p: output_transform(p, b, n, m, f)[:, :ho, :wo], tiles)(dy)
     v = input_transform(x, f, pad)  # [s^2, B*n*m, C]
-    dyp = jnp.pad(dy, ((0, 0), (0, t * n - ho), (0, t * m - wo), (0, 0)))
-    dyt = dyp.reshape(b, n, t, m, t, o).transpose(2, 4, 0, 1, 3, 5).reshape(t * t, -1)
-    a = jnp.asarray(np.kron(f.a_t, f.a_t), dy.dtype)  # [t^2, s^2]
-    dm = lax.dot_general(a, dyt, (((0,), (0,)), ((), ()))).reshape(f.span**2, b * n * m, o)
     du = lax.dot_general(v, dm, (((1,), (1,)), ((0,), (0,))), precision=precision)  # [s^2, C, O]
-    k = jnp.asarray(np.kron(f.g, f.g), du.dtype)  # [s^2, r^2]
-    dg = lax.dot_general(
-        k, du.reshape(f.span**2, -1), (((0,), (0,)), ((), ())), precision=lax.Precision.HIGHEST
-    )
-    return dg.reshape(f.taps, f.taps, c, o)
+    (dg,) = jax.linear_transpose(
+        lambda w: weight_transform(w, f), jax.ShapeDtypeStruct((f.taps, f.taps, c, o), du.dtype)
+    )(du)
+    return dg
 
 
 def conv3x3_weight_grad(x: jax.Array, dy: jax.Array, precision=None) -> jax.Array:
