@@ -1,24 +1,97 @@
-"""A trained model as a function from LQ faces to restored faces.
+"""A trained model as a function from LQ faces to restored faces; imports no training code.
 
 ``load_restorer(workdir)`` reads the stage-II checkpoint of ``workdir`` and returns a restorer whose
 whole restoration is one jitted function: for ART-FR (:class:`Restorer`) the LQ encoder, T-step
 decoding, codebook lookup and the frozen stage-I decoder; for VQFR (:class:`VQFRRestorer`) one
-forward pass of the network, returning its main branch (or the texture branch).
+forward pass of the network, returning its main branch (or the texture branch). The loaders of
+trained networks (:func:`load_tokenizer`, :func:`load_art_params`, :func:`load_vqfr`) also serve
+the trainers that start from them.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Mapping
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import linen as nn
 
-from artfr_jax.train import art_trainer, loop, stage1
-from artfr_jax.train import checkpoint as ckpt_lib
+from artfr_jax import workdirs
+from artfr_jax.models import factory
+from artfr_jax.models.artfr import ARTFR
+from artfr_jax.models.vqfr import VQFRv1
+from artfr_jax.sampling import artfr as artfr_sampling
+from artfr_jax.utils import images as image_utils
 
 METHODS = {"art": "ART-FR", "vqfr": "VQFR"}
+
+
+# ------------------------------------------------------------------------- trained networks
+
+
+def load_tokenizer(
+    directory: str,
+    *,
+    policy_from: Mapping[str, Any] | None = None,
+    what: str = "--workdir",
+) -> tuple[nn.Module, dict, dict]:
+    """``(tokenizer, params, saved config)`` of a stage-I workdir (EMA params if it kept them),
+    computing under the policy of the ``config.model`` section ``policy_from`` (default: its own).
+    ``what`` names the flag or field that pointed at ``directory``, for the errors."""
+    ckdir, saved, key = workdirs.trained_config(directory, "vqgan", what)
+    tokenizer = factory.tokenizer(saved["model"], policy_from)
+    size = saved["data"]["image_size"]
+    x = jnp.zeros((1, size, size, 3), jnp.float32)
+    abstract = jax.eval_shape(lambda: tokenizer.init(jax.random.key(0), x, train=False)["params"])
+    restored = workdirs.restore_subtree(ckdir, {key: {"generator": abstract}})
+    return tokenizer, restored[key]["generator"], saved
+
+
+def stage1_workdir(config: Mapping[str, Any], workdir: str) -> str:
+    """The stage-I workdir a stage-II config names (``stage1.workdir``, else ``<workdir>/stage1``)."""
+    return os.path.abspath(config["stage1"]["workdir"] or os.path.join(workdir, "stage1"))
+
+
+def abstract_art_params(art: ARTFR, image_size: int):
+    """The shapes of ART-FR stage-II params (``jax.eval_shape``; nothing is computed)."""
+    n = art.transformer.num_tokens if art.transformer is not None else 1
+    x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    tokens = jnp.zeros((1, n), jnp.int32)
+    return jax.eval_shape(lambda: art.init(jax.random.key(0), x, tokens)["params"])
+
+
+def load_art_params(
+    workdir: str, art: ARTFR, image_size: int, what: str = "stage-II workdir"
+) -> dict:
+    """ART-FR stage-II params (EMA if kept) from the latest checkpoint of a stage-II workdir."""
+    ckdir, _, key = workdirs.trained_config(workdir, "art", what)
+    target = {key: {"art": abstract_art_params(art, image_size)}}
+    try:
+        return workdirs.restore_subtree(ckdir, target)[key]["art"]
+    except (ValueError, KeyError) as e:
+        raise ValueError(
+            f"{what}={workdir}: its stage-II parameters do not fit this model config ({e})"
+        ) from None
+
+
+def load_vqfr(workdir: str, what: str = "--workdir") -> tuple[VQFRv1, dict, int]:
+    """The trained network of a VQFR workdir: ``(model, params, image_size)`` (EMA if kept)."""
+    ckdir, saved, key = workdirs.trained_config(workdir, "vqfr", what)
+    config = ml_collections.ConfigDict(saved)
+    vqfr = factory.vqfr(config)
+    size = config.data.image_size
+    x = jnp.zeros((1, size, size, 3), jnp.float32)
+    abstract = jax.eval_shape(lambda: vqfr.init(jax.random.key(0), x)["params"])
+    restored = workdirs.restore_subtree(ckdir, {key: {"sr": abstract}})
+    return vqfr, restored[key]["sr"], size
+
+
+# ------------------------------------------------------------------------------- restorers
 
 
 class Restorer:
@@ -30,12 +103,12 @@ class Restorer:
         self.art_params = art_params
         self.tokenizer_params = tokenizer_params
         restore = functools.partial(
-            art_trainer.restore_images, art=art, tokenizer=tokenizer, sampling=sampling
+            artfr_sampling.restore_images, art=art, tokenizer=tokenizer, sampling=sampling
         )
 
         def run(art_params, tok_params, lq_u8, rng):
-            restored, _ = restore(art_params, tok_params, loop.to_float_image(lq_u8), rng)
-            return loop.to_uint8_image(restored)
+            restored, _ = restore(art_params, tok_params, image_utils.to_float_image(lq_u8), rng)
+            return image_utils.to_uint8_image(restored)
 
         self._run = jax.jit(run)
 
@@ -62,8 +135,9 @@ class VQFRRestorer:
         index = 0 if branch == "main" else 1
 
         def run(params, lq_u8):
-            out = vqfr.apply({"params": params}, loop.to_float_image(lq_u8), method="restore")
-            return loop.to_uint8_image(out[index])
+            lq = image_utils.to_float_image(lq_u8)
+            out = vqfr.apply({"params": params}, lq, method="restore")
+            return image_utils.to_uint8_image(out[index])
 
         self._run = jax.jit(run)
 
@@ -89,7 +163,6 @@ def load_converted_vqfr(
     missing or does not hold VQFRv1 params of the paper configuration.
     """
     from artfr_jax.convert import vqfr as convert_vqfr  # noqa: PLC0415
-    from artfr_jax.models.vqfr import VQFRv1  # noqa: PLC0415
 
     vqfr = model or VQFRv1()
     params = convert_vqfr.load_vqfr_v1_params(path, vqfr)
@@ -115,10 +188,10 @@ def load_restorer(
     checkpoint, holds another method, or its stage-I tokenizer cannot be found.
     """
     workdir = os.path.abspath(workdir)
-    ckdir = ckpt_lib.checkpoint_dir(workdir)
-    if ckpt_lib.latest_step(ckdir) is None:
+    ckdir = workdirs.checkpoint_dir(workdir)
+    if workdirs.latest_step(ckdir) is None:
         raise FileNotFoundError(f"{workdir}: no checkpoint (expected {ckdir}/<step>/)")
-    saved = ckpt_lib.read_config(ckdir)
+    saved = workdirs.read_config(ckdir)
     trainer = saved.get("trainer")
     if method not in ("auto", *METHODS):
         raise ValueError(f"method={method!r}: expected 'auto', 'art' or 'vqfr'")
@@ -129,9 +202,7 @@ def load_restorer(
             "workdir (trained with configs/art.py or configs/vqfr.py)"
         )
     if trainer == "vqfr":
-        from artfr_jax.train import vqfr_trainer  # noqa: PLC0415
-
-        vqfr, params, size = vqfr_trainer.load_vqfr(workdir)
+        vqfr, params, size = load_vqfr(workdir)
         return VQFRRestorer(
             vqfr=vqfr, params=params, image_size=size, branch="texture" if texture else "main"
         )
@@ -148,15 +219,15 @@ def load_restorer(
             sampling[name] = value
     if int(sampling.steps) < 1:
         raise ValueError(f"steps={sampling.steps}: expected >= 1")
-    s1 = stage1.stage1_dir(config, workdir)
-    if ckpt_lib.latest_step(ckpt_lib.checkpoint_dir(s1)) is None:
+    s1 = stage1_workdir(saved, workdir)
+    if workdirs.latest_step(workdirs.checkpoint_dir(s1)) is None:
         raise FileNotFoundError(
             f"{workdir}: its stage-I tokenizer checkpoint is missing (looked in {s1}; set by "
             "config.stage1.workdir when training)"
         )
-    tokenizer, tok_params = stage1.load_stage1(config, s1)
-    art = art_trainer.make_model(config, tokenizer)
-    art_params = art_trainer.load_art_params(workdir, art, config.data.image_size)
+    tokenizer, tok_params, _ = load_tokenizer(s1, policy_from=saved["model"])
+    art = factory.art(config, tokenizer)
+    art_params = load_art_params(workdir, art, config.data.image_size)
     return Restorer(
         art=art,
         tokenizer=tokenizer,

@@ -1,7 +1,12 @@
 """Entry point: ``python -m artfr_jax.main --config=configs/vqgan.py[:VARIANT] --workdir=DIR``.
 
 ``config.trainer`` names the stage; any field can be overridden with ``--config.a.b=value`` and a
-misspelt field is an error (the config is locked).
+misspelt field is an error (the config is locked). A stage-II config with
+``config.stage1.train_if_missing`` trains (or finishes) its stage-I tokenizer first.
+
+The console shows a progress bar (or a line per ``config.log_every`` steps when it is not a
+terminal), eval results and where the outputs went; the full log is ``WORKDIR/train.log``, and
+``--verbosity=1`` puts it on the console too.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from artfr_jax.utils import compile_cache, host_memory  # noqa: E402
+from artfr_jax.utils import compile_cache, console, host_memory  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Python config file (configs/NAME.py[:VARIANT]).")
@@ -30,9 +35,16 @@ TRAINERS = {
 
 
 def run(config, workdir: str):
-    """Dispatches to the trainer named by ``config.trainer`` (usable from notebooks too)."""
+    """Trains the stage named by ``config.trainer`` in ``workdir`` (usable from notebooks too),
+    after its stage-I tokenizer when ``config.stage1.train_if_missing`` asks for it."""
     if config.trainer not in TRAINERS:
         raise ValueError(f"config.trainer={config.trainer!r}: expected one of {sorted(TRAINERS)}")
+    from artfr_jax.train import stage1  # noqa: PLC0415
+
+    if stage1.needs_training(config, workdir):
+        directory = stage1.stage1_dir(config, workdir)
+        console.say("Stage I first: training the tokenizer in %s", directory)
+        run(config.stage1.config, directory)
     trainer = importlib.import_module(TRAINERS[config.trainer])
     return trainer.train_and_evaluate(config, workdir)
 
@@ -41,9 +53,11 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     config = FLAGS.config
-    logging.info("XLA compilation cache: %s", compile_cache.enable_persistent_cache() or "off")
+    console.route_logs(FLAGS.verbosity)
     if config.get("distributed", False):
         jax.distributed.initialize()
+    log_file = console.log_to_file(FLAGS.workdir, jax.process_index())
+    logging.info("XLA compilation cache: %s", compile_cache.enable_persistent_cache() or "off")
     logging.info(
         "Process %d/%d, local devices %s",
         jax.process_index(),
@@ -51,8 +65,10 @@ def main(argv):
         jax.local_devices(),
     )
     run(config, FLAGS.workdir)
+    if jax.process_index() == 0:
+        console.say("Full log: %s", log_file)
 
 
 if __name__ == "__main__":
-    host_memory.retain_freed_memory()
+    host_memory.retain_freed_memory_on_cpu()  # before JAX starts a backend
     app.run(main)

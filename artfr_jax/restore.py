@@ -517,7 +517,7 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues | None = None) -> in
 def cli(argv: list[str] | None = None) -> None:
     """``python -m artfr_jax.restore``: defines the flags on ``flags.FLAGS`` and runs :func:`main`."""
     define_flags()
-    host_memory.retain_freed_memory()
+    host_memory.retain_freed_memory_on_cpu()
     compile_cache.enable_persistent_cache()
     # OpenCV's own warning for a broken file would duplicate the one-line report.
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)

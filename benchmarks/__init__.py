@@ -8,5 +8,5 @@ without the persistent compilation cache, so that the compile times they print a
 from artfr_jax.utils import compile_cache as _compile_cache
 from artfr_jax.utils import host_memory as _host_memory
 
-_host_memory.retain_freed_memory()
+_host_memory.retain_freed_memory_on_cpu()
 _compile_cache.disable_persistent_cache()

@@ -24,7 +24,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from artfr_jax.train import art_trainer, loop, sharding, stage1  # noqa: E402
+from artfr_jax.models import factory  # noqa: E402
+from artfr_jax.train import art_trainer, loop, sharding  # noqa: E402
 from configs import art as art_config  # noqa: E402
 
 # Dense bf16 peak TFLOP/s per chip (vendor data sheets, no sparsity).
@@ -131,11 +132,11 @@ def build(config_name: str, per_device_batch: int | None, dtype: str, remat: boo
     config.mesh.update(data=-1, fsdp=1)
     if per_device_batch is not None:
         config.batch_size = per_device_batch * len(jax.devices())
-    tokenizer = stage1.tokenizer_from_model_config(config.stage1.config.model.to_dict())
+    tokenizer = factory.tokenizer(config.stage1.config.model.to_dict(), config.model.to_dict())
     size = config.data.image_size
     x = jnp.zeros((1, size, size, 3))
     tok_params = jax.jit(lambda k: tokenizer.init(k, x, train=False)["params"])(jax.random.key(1))
-    art = art_trainer.make_model(config, tokenizer)
+    art = factory.art(config, tokenizer)
     tx = art_trainer.make_optimizer(config)
     init = functools.partial(
         art_trainer.init_state, config=config, art=art, tx=tx, stage1_params=tok_params

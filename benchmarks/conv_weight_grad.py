@@ -4,8 +4,8 @@
 
 Collects the distinct convolution shapes of the tokenizer's forward pass (with their counts) and,
 for each, times dL/dw four ways: XLA's transpose of the convolution (what ``jax.grad`` emits),
-``artfr_jax.models.conv.weight_grad`` (row bands), ``conv.weight_grad_patches`` (one matmul of
-the input's patches; skipped above ``conv.MAX_PATCH_BYTES``) and, when torch is installed,
+``models/cpu_kernels/conv.weight_grad`` (row bands), ``conv.weight_grad_patches`` (one matmul of
+the input's patches; skipped above ``CpuKernels.max_patch_bytes``) and, when torch is installed,
 ``torch.nn.grad.conv2d_weight`` on the same data. Median of ``--repeats`` runs after one warm-up
 run; totals are weighted by how often each shape occurs in the model, ``as used`` by the path
 ``conv.weight_grad_path`` picks.
@@ -23,7 +23,8 @@ import numpy as np
 from jax import lax
 
 from artfr_jax.convert import diffusers_vq
-from artfr_jax.models import conv
+from artfr_jax.models.cpu_kernels import CpuKernels, conv
+from artfr_jax.models.kernels import Kernels
 from artfr_jax.models.vqgan import VQGAN
 from benchmarks.vqgan_vs_diffusers import CONFIGS, diffusers_config, timed
 
@@ -33,13 +34,11 @@ DN = ("NHWC", "HWIO", "NHWC")
 def conv_shapes(model, x) -> collections.Counter:
     """(x shape, kernel shape, strides, padding) -> count, over the model's forward pass.
 
-    Traced with the Winograd path off, so that every convolution appears as one."""
+    Traced with the CPU kernels and their Winograd path off, so that every convolution appears as
+    one (the upsampling as its 2x2 phase convolution)."""
+    model = model.clone(kernels=Kernels("cpu", CpuKernels(winograd=False)))
     variables = jax.eval_shape(model.init, jax.random.key(0), x)
-    use_winograd, conv.USE_WINOGRAD = conv.USE_WINOGRAD, False
-    try:
-        jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x))(variables, x)
-    finally:
-        conv.USE_WINOGRAD = use_winograd
+    jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x))(variables, x)
     shapes = collections.Counter()
 
     def walk(jp):
@@ -76,7 +75,8 @@ def time_shape(xs, ws, strides, pads, repeats: int, rng) -> dict:
     xla = jax.jit(lambda dy: jax.vjp(conv_of, w)[1](dy)[0])
     ours = {"banded": jax.jit(lambda x, dy: conv.weight_grad(x, dy, ws, strides, pads))}
     positions = dy.shape[0] * dy.shape[1] * dy.shape[2]
-    if positions * ws[0] * ws[1] * ws[2] * 4 <= conv.MAX_PATCH_BYTES:
+    options = CpuKernels()
+    if positions * ws[0] * ws[1] * ws[2] * 4 <= options.max_patch_bytes:
         ours["patches"] = jax.jit(lambda x, dy: conv.weight_grad_patches(x, dy, ws, strides, pads))
     ref = np.asarray(xla(dy))
     t = {"xla": median_ms(lambda: xla(dy).block_until_ready(), repeats)}
@@ -84,7 +84,7 @@ def time_shape(xs, ws, strides, pads, repeats: int, rng) -> dict:
         err = np.abs(np.asarray(fn(x, dy)) - ref).max() / np.abs(ref).max()
         assert err < 1e-4, f"{name} weight gradient differs from XLA's: {err:.1e} of max"
         t[name] = median_ms(lambda fn=fn: fn(x, dy).block_until_ready(), repeats)
-    t["as used"] = t[conv.weight_grad_path(positions, ws, np.float32)]
+    t["as used"] = t[conv.weight_grad_path(positions, ws, np.float32, options)]
     try:
         import torch
         from torch.nn.grad import conv2d_weight

@@ -4,11 +4,11 @@
 
 Collects the distinct stride-1 'SAME' 3x3 convolution shapes of the tokenizer's forward pass (with
 their counts) and times, for each, the forward and the forward+backward (gradients for input and
-kernel) of ``artfr_jax.models.conv`` with the Winograd path off and on (``models/winograd.py``), plus
-the compile time of each. Median of ``--repeats`` interleaved runs after one warm-up run; totals
-are weighted by how often each shape occurs, for the direct convolution throughout and for the
-path the models take per shape (``uses``). The Winograd column is F(4x4, 3x3), or F(2x2, 3x3) where
-``winograd.SMALL_TILE`` picks it (shown as ``F2x2``).
+kernel) of the CPU convolution (``models/cpu_kernels/conv.py``) direct and as Winograd
+(``cpu_kernels/winograd.py``), plus the compile time of each. Median of ``--repeats`` interleaved
+runs after one warm-up run; totals are weighted by how often each shape occurs, for the direct
+convolution throughout and for the path the CPU kernels take per shape (``uses``). The Winograd
+column is F(4x4, 3x3), or F(2x2, 3x3) where ``CpuKernels.winograd_small_tile`` picks it (``F2x2``).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from artfr_jax.models import conv, winograd
-from benchmarks.conv_weight_grad import parse_and_collect
+from artfr_jax.models.cpu_kernels import CpuKernels, conv, winograd
+from benchmarks.conv_weight_grad import DN, parse_and_collect
 from benchmarks.vqgan_vs_diffusers import timed
 
 
@@ -30,14 +30,16 @@ def time_shape(xs, ws, repeats: int, rng) -> tuple[dict, dict, float]:
     x = jnp.asarray(rng.standard_normal(xs, np.float32))
     w = jnp.asarray(rng.standard_normal(ws, np.float32) / np.sqrt(9 * ws[2]))
     pads = ((1, 1), (1, 1))
-    wgrad = conv.weight_grad_path(xs[0] * xs[1] * xs[2], ws, np.float32)  # as the models
+    options = CpuKernels()
+    wgrad = conv.weight_grad_path(xs[0] * xs[1] * xs[2], ws, np.float32, options)  # as the models
     fns, compile_s, outs = {}, {}, {}
-    for name, fast in (("direct", False), ("winograd", True)):
+    for name in ("direct", "winograd"):
+        plan = conv.Plan(name, (1, 1), pads, wgrad, options.winograd_small_tile)
 
-        def fwd(x, w, fast=fast):
-            return conv._conv(x, w, (1, 1), pads, None, fast, wgrad)
+        def fwd(x, w, plan=plan):
+            return conv.conv(x, w, plan)
 
-        def loss(x, w, fast=fast):
+        def loss(x, w, fwd=fwd):
             return jnp.sum(fwd(x, w) ** 2) * 0.5
 
         for kind, fn in (("fwd", fwd), ("fwd+bwd", jax.grad(loss, argnums=(0, 1)))):
@@ -71,14 +73,16 @@ def main():
     )
     totals = collections.Counter()
     rng = np.random.default_rng(0)
+    options = CpuKernels()
     for (xs, ws, strides, pads), count in shapes:
-        w = jax.ShapeDtypeStruct(ws, x.dtype)
-        uses = conv._winograd_applies(x, w, strides, pads, xs[0] * xs[1] * xs[2])
+        plan = conv.plan(xs, ws, x.dtype, strides, pads, options, dimension_numbers=DN)
+        uses = plan is not None and plan.kind == "winograd"
         ms, compile_s, err = time_shape(xs, ws, args.repeats, rng)
         for kind in ("fwd", "fwd+bwd"):
             totals[f"direct {kind}"] += count * ms[f"direct {kind}"]
             totals[f"as used {kind}"] += count * ms[f"{'winograd' if uses else 'direct'} {kind}"]
-        tile = winograd.minimal_3x3(xs[0] * xs[1] * xs[2], *ws[2:]).tile
+        small = options.winograd_small_tile
+        tile = winograd.minimal_3x3(xs[0] * xs[1] * xs[2], *ws[2:], small).tile
         path = f"winograd F{tile}x{tile}" if uses else "direct"
         head = f"  {count:2d}x x{xs} w{ws} uses {path}: "
         print(shape_line(head, ms, compile_s, err), flush=True)

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-from artfr_jax import data  # noqa: E402
+from artfr_jax.data import pipeline as data  # noqa: E402
 from artfr_jax.data.degradations import random_degrade  # noqa: E402
 from artfr_jax.data.synthetic import render_face  # noqa: E402
 

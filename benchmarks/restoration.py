@@ -26,9 +26,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from artfr_jax import inference  # noqa: E402
+from artfr_jax.models import factory  # noqa: E402
 from artfr_jax.models.artfr import ARTFR  # noqa: E402
+from artfr_jax.sampling import artfr as artfr_sampling  # noqa: E402
 from artfr_jax.sampling import maskgit  # noqa: E402
-from artfr_jax.train import art_trainer, loop, stage1  # noqa: E402
+from artfr_jax.utils import images as image_utils  # noqa: E402
 from configs import art as art_config  # noqa: E402
 
 
@@ -64,8 +66,9 @@ def main():
     config = art_config.get_config(None if args.config == "paper" else args.config)
     config.model.dtype = args.dtype
     config.sampling.steps = args.steps
-    tokenizer = stage1.tokenizer_from_model_config(config.stage1.config.model.to_dict())
-    art = art_trainer.make_model(config, tokenizer)
+    # The frozen tokenizer computes in the stage's dtype, as a trained workdir's does.
+    tokenizer = factory.tokenizer(config.stage1.config.model.to_dict(), config.model.to_dict())
+    art = factory.art(config, tokenizer)
     size = config.data.image_size
     x = jnp.zeros((1, size, size, 3))
     n_tok = art.transformer.num_tokens
@@ -73,9 +76,6 @@ def main():
     art_params = jax.jit(lambda k: art.init(k, x, jnp.zeros((1, n_tok), jnp.int32))["params"])(
         jax.random.key(2)
     )
-    if args.dtype == "bfloat16":
-        # The tokenizer decoder runs in the compute dtype too.
-        tokenizer = tokenizer.clone(dtype=jnp.bfloat16)
     restorer = inference.Restorer(
         art=art,
         tokenizer=tokenizer,
@@ -92,7 +92,9 @@ def main():
 
     encode = jax.jit(lambda p, lq: art.apply({"params": p}, lq, method=ARTFR.encode_condition))
     decode_img = jax.jit(
-        lambda tp, t: loop.to_uint8_image(art_trainer.decode_tokens(tp, t, tokenizer=tokenizer))
+        lambda tp, t: image_utils.to_uint8_image(
+            artfr_sampling.decode_tokens(tp, t, tokenizer=tokenizer)
+        )
     )
     logits = functools.partial(_logits, art=art)
     decode_kw = dict(
@@ -100,7 +102,7 @@ def main():
     )
 
     def looped(lq_u8, rng):
-        f_l = encode(art_params, loop.to_float_image(lq_u8))
+        f_l = encode(art_params, image_utils.to_float_image(lq_u8))
         fn = jax.tree_util.Partial(logits, art_params, f_l)
         tokens = maskgit.decode_python_loop(fn, rng, batch_size=lq_u8.shape[0], **decode_kw)
         return decode_img(tok_params, tokens)
@@ -113,7 +115,7 @@ def main():
 
     rng = jax.random.key(0)
     lq1 = np.random.default_rng(0).integers(0, 256, (1, size, size, 3), dtype=np.uint8)
-    f_l1 = encode(art_params, loop.to_float_image(lq1))
+    f_l1 = encode(art_params, image_utils.to_float_image(lq1))
 
     rows = [
         ("restore one-jit", lambda: restorer._run(art_params, tok_params, lq1, rng)),

@@ -2,11 +2,12 @@ r"""Stage-I (VQGAN) train step: compile time, median step time, compiled memory 
 
     python -m benchmarks.train_step --config=smoke
     python -m benchmarks.train_step --config=paper --batch=2 --steps=3
-    python -m benchmarks.train_step --config=paper --memory-only --batch=6
+    python -m benchmarks.train_step --config=paper --memory-only --batch=6 [--dtype=bfloat16]
 
 The batch is random uint8 data placed on the devices once, so the numbers are the step alone (the
 input pipeline has its own benchmark). The paper config includes the LPIPS term with random VGG weights
-(same compute as the real ones). Times: median of ``--steps`` runs after ``--warmup`` runs.
+(same compute as the real ones). ``--dtype`` is the compute dtype (``config.model.dtype``; float32
+unless given, the CPU's). Times: median of ``--steps`` runs after ``--warmup`` runs.
 """
 
 from __future__ import annotations
@@ -23,14 +24,15 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from artfr_jax.losses import perceptual  # noqa: E402
+from artfr_jax.models import factory  # noqa: E402
 from artfr_jax.train import loop, sharding, vqgan_trainer  # noqa: E402
 from benchmarks.art_train_step import print_memory_analysis  # noqa: E402
 from configs import vqgan as vqgan_config  # noqa: E402
 
 
-def build(config_name: str, batch: int | None, remat: bool = False):
+def build(config_name: str, batch: int | None, remat: bool = False, dtype: str = "float32"):
     config = vqgan_config.get_config("smoke" if config_name == "smoke" else None)
-    config.model.remat = remat
+    config.model.update(remat=remat, dtype=dtype)
     config.mesh.update(data=-1, fsdp=1)
     n_dev = len(jax.devices())
     if batch is not None:
@@ -39,7 +41,7 @@ def build(config_name: str, batch: int | None, remat: bool = False):
     stage = vqgan_trainer.make_stage(config)
     frozen, lpips = {}, None
     if config_name == "paper":
-        lpips = perceptual.LPIPS()
+        lpips = perceptual.LPIPS(dtype=factory.policy(config.model)["dtype"])
         size = config.data.image_size
         x = jnp.zeros((1, size, size, 3))
         frozen = {"lpips": lpips.init(jax.random.key(1), x, x)["params"]}
@@ -59,15 +61,16 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--memory-only", action="store_true")
     parser.add_argument("--remat", action="store_true", help="rematerialise VQGAN residual blocks")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     args = parser.parse_args()
 
-    config, stage, step_fn, frozen = build(args.config, args.batch, args.remat)
+    config, stage, step_fn, frozen = build(args.config, args.batch, args.remat, args.dtype)
     mesh = sharding.make_mesh(config.mesh)
     size = config.data.image_size
     n = config.batch_size
     print(
         f"backend={jax.default_backend()} devices={len(jax.devices())} config={args.config} "
-        f"image={size}px global_batch={n}"
+        f"image={size}px global_batch={n} dtype={args.dtype}"
     )
     state, shardings = stage.init_state(jax.random.key(0), mesh)
     host = {"hq": np.random.default_rng(0).integers(0, 256, (n, size, size, 3), dtype=np.uint8)}

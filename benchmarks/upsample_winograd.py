@@ -2,13 +2,13 @@
 
   python -m benchmarks.upsample_winograd --config=paper --size=512 --batch=1
 
-The decoders' nearest x2 + 3x3 convolution runs as one 2x2 'VALID' convolution of the padded
-low-resolution input with ``4 O`` outputs (``models/conv.upsample2x_conv``). For each of those
-convolutions in the tokenizer's forward pass this times the forward and the input gradient three
-ways: XLA's direct convolution, Winograd F(4x4, 2x2) (``models/winograd.conv2x2`` and
-``conv2x2_input_grad``), and the path the models take with the default thresholds
-(``winograd.MIN_SIZES_2X2``, ``MIN_SIZES_2X2_GRADS``). Median of ``--repeats`` interleaved
-runs after one warm-up run; totals are weighted by how often each shape occurs.
+On the CPU the decoders' nearest x2 + 3x3 convolution runs as one 2x2 'VALID' convolution of the
+padded low-resolution input with ``4 O`` outputs (``models/cpu_kernels/upsample.py``). For each of
+those convolutions in the tokenizer's forward pass this times the forward and the input gradient
+three ways: XLA's direct convolution, Winograd F(4x4, 2x2) (``cpu_kernels/winograd.conv2x2`` and
+``conv2x2_input_grad``), and the path the CPU kernels take with the default sizes
+(``CpuKernels.upsample_min_sizes``, ``upsample_grad_min_sizes``). Median of ``--repeats``
+interleaved runs after one warm-up run; totals are weighted by how often each shape occurs.
 """
 
 from __future__ import annotations
@@ -20,27 +20,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from artfr_jax.models import conv, winograd
+from artfr_jax.models.cpu_kernels import CpuKernels, upsample
 from benchmarks.conv_weight_grad import parse_and_collect
 from benchmarks.conv_winograd import shape_line
 from benchmarks.vqgan_vs_diffusers import timed
 
-_TABLES = ("MIN_SIZES_2X2", "MIN_SIZES_2X2_GRADS")
 
-
-def _compiled(fn, args, tables):
-    """``fn`` traced and compiled with the 2x2 Winograd thresholds set to ``tables``."""
-    saved = [getattr(winograd, t) for t in _TABLES]
-    try:
-        for name, value in zip(_TABLES, tables, strict=True):
-            setattr(winograd, name, value)
-        t = time.perf_counter()
-        # A fresh function, so that jit traces it again under these thresholds.
-        compiled = jax.jit(lambda *a: fn(*a)).lower(*args).compile()
-        return compiled, time.perf_counter() - t
-    finally:
-        for name, value in zip(_TABLES, saved, strict=True):
-            setattr(winograd, name, value)
+def _compiled(fn, args):
+    t = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    return compiled, time.perf_counter() - t
 
 
 def time_shape(xs, ws, repeats: int, rng) -> tuple[dict, dict, float]:
@@ -49,21 +38,23 @@ def time_shape(xs, ws, repeats: int, rng) -> tuple[dict, dict, float]:
     k = jnp.asarray(rng.standard_normal(ws, np.float32) / np.sqrt(4 * ws[2]))
     dz = jnp.asarray(rng.standard_normal((xs[0], xs[1] - 1, xs[2] - 1, ws[3]), np.float32))
 
-    def fwd(xp, k):
-        return conv._phase_conv_cpu(xp, k, None, None)
-
-    def input_grad(xp, k, dz):
-        return jax.vjp(lambda x_: fwd(x_, k), xp)[1](dz)[0]
-
-    paths = {
+    options = CpuKernels()
+    paths = {  # Winograd size tables for the forward and the gradients
         "direct": ((), ()),
         "winograd": (((0, 1),), ((0, 1),)),
-        "as used": tuple(getattr(winograd, t) for t in _TABLES),
+        "as used": (options.upsample_min_sizes, options.upsample_grad_min_sizes),
     }
     fns, compile_s, outs = {}, {}, {}
-    for name, tables in paths.items():
+    for name, sizes in paths.items():
+
+        def fwd(xp, k, sizes=sizes):
+            return upsample._phase_conv(xp, k, None, None, sizes)
+
+        def input_grad(xp, k, dz, fwd=fwd):
+            return jax.vjp(lambda x_: fwd(x_, k), xp)[1](dz)[0]
+
         for kind, fn, args in (("fwd", fwd, (xp, k)), ("dx", input_grad, (xp, k, dz))):
-            compiled, compile_s[f"{name} {kind}"] = _compiled(fn, args, tables)
+            compiled, compile_s[f"{name} {kind}"] = _compiled(fn, args)
             fns[f"{name} {kind}"] = lambda c=compiled, a=args: jax.block_until_ready(c(*a))
             outs[f"{name} {kind}"] = compiled(*args)
     err = max(

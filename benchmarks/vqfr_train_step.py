@@ -3,6 +3,7 @@ r"""VQFR stage-II train step: compile time, median step time, FLOPs and share of
     python -m benchmarks.vqfr_train_step --config=smoke
     python -m benchmarks.vqfr_train_step --config=paper --batch=1 --steps=2
     python -m benchmarks.vqfr_train_step --config=paper --batch=2 --memory-only [--remat]
+    [--dtype=bfloat16]    (compute dtype, ``config.model.dtype``; float32 unless given)
 
 Random uint8 batches, random stage-I and LPIPS weights (same compute as trained ones; the
 perceptual + style terms are included), all four discriminators and the lazy R1 step switched on
@@ -24,23 +25,26 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from artfr_jax.losses import perceptual  # noqa: E402
-from artfr_jax.train import loop, sharding, vqfr_trainer, vqgan_trainer  # noqa: E402
+from artfr_jax.models import factory  # noqa: E402
+from artfr_jax.train import loop, sharding, vqfr_trainer  # noqa: E402
 from benchmarks.art_train_step import print_memory_analysis, print_step_report  # noqa: E402
 from configs import vqfr as vqfr_config  # noqa: E402
 
 
-def build(config_name: str, per_device_batch: int | None, remat: bool = False):
+def build(
+    config_name: str, per_device_batch: int | None, remat: bool = False, dtype: str = "float32"
+):
     config = vqfr_config.get_config(None if config_name == "paper" else config_name)
-    config.model.remat = remat
+    config.model.update(remat=remat, dtype=dtype)
     config.mesh.update(data=-1, fsdp=1)
     if per_device_batch is not None:
         config.batch_size = per_device_batch * len(jax.devices())
     size = config.data.image_size
     x = jnp.zeros((1, size, size, 3))
-    vqgan = vqgan_trainer.make_generator(config.stage1.config.model.to_dict())
+    vqgan = factory.tokenizer(config.stage1.config.model.to_dict(), config.model.to_dict())
     vqgan_params = jax.jit(lambda k: vqgan.init(k, x)["params"])(jax.random.key(1))
     lpips_params = jax.jit(lambda k: perceptual.LPIPS().init(k, x, x)["params"])(jax.random.key(2))
-    vqfr = vqfr_trainer.make_model(config)
+    vqfr = factory.vqfr(config)
     discs = vqfr_trainer.make_discriminators(config)
     tx = vqfr_trainer.make_optimizer(config)
     init = functools.partial(
@@ -74,15 +78,17 @@ def main():
         "--memory-only", action="store_true", help="compile and print memory; do not run"
     )
     parser.add_argument("--remat", action="store_true", help="config.model.remat=True")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     args = parser.parse_args()
 
-    config, init, step_fn, frozen = build(args.config, args.batch, args.remat)
+    config, init, step_fn, frozen = build(args.config, args.batch, args.remat, args.dtype)
     mesh = sharding.make_mesh(config.mesh)
     size, n = config.data.image_size, config.batch_size
     dev = jax.devices()[0]
     print(
         f"backend={jax.default_backend()} device={dev.device_kind} devices={len(jax.devices())} "
-        f"config={args.config} image={size}px global_batch={n} remat={args.remat}"
+        f"config={args.config} image={size}px global_batch={n} remat={args.remat} "
+        f"dtype={args.dtype}"
     )
     state, shardings = init(jax.random.key(0), mesh)
     start = max(config.loss.gan_start, config.loss.main_gan_start) + 1

@@ -109,7 +109,7 @@ def main(argv=None) -> None:
             p.error(f"--compiler_option {item!r}: expected NAME=VALUE")
         options[name] = value
     # Before JAX's first computation; also when run as a script, outside the benchmarks package.
-    host_malloc = "retain" if host_memory.retain_freed_memory() else "system"
+    host_malloc = "retain" if host_memory.retain_freed_memory_on_cpu() else "system"
     compile_cache.disable_persistent_cache()
 
     from tests.torch_compat import register_torchvision_schemas

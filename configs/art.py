@@ -29,7 +29,7 @@ Ablations (Tables 2-3): ``--config.model.long_skips=false``, ``--config.loss.fea
 
 import ml_collections
 
-from artfr_jax import data as data_lib
+from artfr_jax.data import degradations, pipeline
 from artfr_jax.utils import config_files
 
 SIZES = ("", "paper", "smoke", "demo", "tiny")
@@ -65,7 +65,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.async_checkpointing = True
     config.profile = False
 
-    config.data = data_lib.default_config(image_size=512, preset="artfr")
+    config.data = pipeline.default_config(image_size=512, preset="artfr")
 
     # The frozen tokenizer: its workdir ('' = <workdir>/stage1) and the config it was trained with
     # (checked against the checkpoint; used to train it when train_if_missing is set).
@@ -85,7 +85,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             use_transformer=True,  # Table 2 "AR module"; off = nearest-code lookup of f_l
             dropout_rate=0.1,  # MaskGIT's / BERT's value; the paper does not state one
             remat=False,
-            dtype="float32",  # compute dtype: 'float32' | 'bfloat16'
+            # One precision and kernel policy for the LQ encoder, the transformer and the frozen
+            # tokenizer (models/factory.py); the CPU variants compute in float32.
+            dtype="bfloat16",
+            param_dtype="float32",
+            kernels="auto",  # 'auto' | 'xla' | 'cpu' (models/kernels.py)
             init_lq_encoder_from_stage1=True,
         )
     )
@@ -120,7 +124,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, min_shard_size=2**14))
 
     if size in ("smoke", "demo"):
-        config.data = data_lib.default_config(image_size=64, preset="artfr")
+        config.data = pipeline.default_config(image_size=64, preset="artfr")
         config.stage1.config = _stage1_config("smoke")
         config.stage1.train_if_missing = True
         config.batch_size = 8
@@ -129,7 +133,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.eval_every = 100
         config.checkpoint_every = 100
         # A narrow transformer: 256 LQ + 256 HQ tokens (64 px, f=4) at width 128.
-        config.model.update(width=128, depth=5, num_heads=4, mlp_dim=512, dropout_rate=0.0)
+        config.model.update(
+            width=128, depth=5, num_heads=4, mlp_dim=512, dropout_rate=0.0, dtype="float32"
+        )
         config.optimizer.update(
             learning_rate=1e-3, end_learning_rate=2e-5, warmup_steps=20, b2=0.99
         )
@@ -138,14 +144,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # 32-px faces so that both stages and the restoration fit in 10-14 minutes on 2 CPU cores.
         # The paper's blur and downscale ranges are set for 512-px faces and erase a 32-px face
         # (r up to 30), so they are scaled down; noise takes App. B's levels {25, 50, 75, 100}.
-        config.data = data_lib.default_config(image_size=32, preset="artfr")
+        config.data = pipeline.default_config(image_size=32, preset="artfr")
         config.data.degradation.update(
             blur_sigma=(0.1, 1.5),
             downscale_range=(1.0, 2.5),
             noise_levels=(25.0, 50.0, 75.0, 100.0),
             noise_range=(25.0, 100.0),
         )
-        config.stage1.config.data = data_lib.default_config(image_size=32, preset="none")
+        config.stage1.config.data = pipeline.default_config(image_size=32, preset="none")
         config.stage1.config.update(num_train_steps=800, eval_every=200, checkpoint_every=200)
         # 64 LQ + 64 HQ tokens (32 px, f=4) at width 256. The MLP is 2x the width, not 4x: on a
         # slow 2-core machine (AVX2 only) the demo took 15 min 20 s with 1024 and 13 min 34 s with
@@ -156,7 +162,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.checkpoint_every = 300
         config.final_restore.num_images = 32
     elif size == "tiny":
-        config.data = data_lib.default_config(image_size=32, preset="artfr")
+        config.data = pipeline.default_config(image_size=32, preset="artfr")
         config.data.num_workers = 0
         config.stage1.config = _stage1_config("tiny")
         config.stage1.train_if_missing = True
@@ -166,13 +172,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.eval_every = 4
         config.checkpoint_every = 2
         config.async_checkpointing = False
-        config.model.update(width=32, depth=3, num_heads=4, mlp_dim=64, dropout_rate=0.0)
+        config.model.update(
+            width=32, depth=3, num_heads=4, mlp_dim=64, dropout_rate=0.0, dtype="float32"
+        )
         config.eval.update(num_images=4, batch_size=4)
         config.mesh.update(data=1, fsdp=1, min_shard_size=256)
 
     if tasks:
         task = tasks[0]
-        config.data.degradation = data_lib.degradation_preset(task)
+        config.data.degradation = degradations.degradation_preset(task)
         if task in ("inpainting", "colorization"):
             config.num_train_steps = 20_000 if size in ("", "paper") else config.num_train_steps
         elif task == "sr" and size in ("", "paper"):

@@ -24,7 +24,7 @@ terms start at step 100 of 150 with weight 0.1), ``tiny`` (the tests').
 
 import ml_collections
 
-from artfr_jax import data as data_lib
+from artfr_jax.data import pipeline
 from artfr_jax.utils import config_files
 
 
@@ -49,15 +49,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.async_checkpointing = True
     config.profile = False
 
-    config.data = data_lib.default_config(image_size=512, preset="vqfr")
+    config.data = pipeline.default_config(image_size=512, preset="vqfr")
     config.stage1 = ml_collections.ConfigDict(
         dict(workdir="", train_if_missing=False, config=_stage1_config("vqfr"))
     )
     # Fields of VQFRv1 beyond the stage-I model's (which it copies).
     # remat: recompute residual blocks and texture warping modules in the backward pass (less
     # activation memory for one extra forward pass; the paper step at batch 1: temp 19.1 -> 11.2 GiB).
+    # The precision and kernel policy of every network of the stage (models/factory.py): the
+    # network, the four discriminators, LPIPS and the frozen codebook model. CPU variants: float32.
     config.model = ml_collections.ConfigDict(
-        dict(cond_channels=32, deformable_groups=4, remat=False)
+        dict(
+            cond_channels=32,
+            deformable_groups=4,
+            remat=False,
+            dtype="bfloat16",
+            param_dtype="float32",
+            kernels="auto",
+        )
     )
     config.global_discriminator = ml_collections.ConfigDict(
         dict(arch="swagan", out_size=512, channel_multiplier=2)
@@ -98,9 +107,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval = ml_collections.ConfigDict(dict(num_images=64, batch_size=8, lpips_weights=""))
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, min_shard_size=2**14))
 
+    if arg in ("smoke", "tiny"):
+        config.model.dtype = "float32"
     if arg == "smoke":
         config.stage1.update(train_if_missing=True, config=_stage1_config("vqfr_smoke"))
-        config.data = data_lib.default_config(image_size=64, preset="vqfr")
+        config.data = pipeline.default_config(image_size=64, preset="vqfr")
         config.batch_size = 4
         config.num_train_steps = 150
         config.log_every = 25
@@ -124,7 +135,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.eval.update(num_images=16, batch_size=8)
     elif arg == "tiny":
         config.stage1.update(train_if_missing=True, config=_stage1_config("vqfr_tiny"))
-        config.data = data_lib.default_config(image_size=32, preset="vqfr")
+        config.data = pipeline.default_config(image_size=32, preset="vqfr")
         config.data.num_workers = 0
         config.batch_size = 8
         config.num_train_steps = 6

@@ -15,7 +15,7 @@ codebook model, see :func:`vqfr_config`):
 
 import ml_collections
 
-from artfr_jax import data as data_lib
+from artfr_jax.data import pipeline
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -34,7 +34,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.profile = False  # a TensorBoard profile of 5 steps after step 10
 
     # Stage I sees HQ images only: no degradation work in the pipeline.
-    config.data = data_lib.default_config(image_size=512, preset="none")
+    config.data = pipeline.default_config(image_size=512, preset="none")
 
     config.model = ml_collections.ConfigDict(
         dict(
@@ -49,6 +49,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             beta=0.25,
             normalize_codes=False,
             remat=False,
+            # One precision and kernel policy for every network of the stage, the discriminator
+            # and LPIPS included (models/factory.py): bfloat16 compute on accelerators, float32
+            # parameters; the CPU variants compute in float32.
+            dtype="bfloat16",
+            param_dtype="float32",
+            kernels="auto",  # 'auto' | 'xla' | 'cpu' (models/kernels.py)
         )
     )
     config.discriminator = ml_collections.ConfigDict(
@@ -87,7 +93,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, min_shard_size=2**14))
 
     if arg == "smoke":
-        config.data = data_lib.default_config(image_size=64, preset="none")
+        config.data = pipeline.default_config(image_size=64, preset="none")
         config.batch_size = 8
         config.num_train_steps = 500
         config.log_every = 25
@@ -104,6 +110,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             embedding_dim=16,
             norm_num_groups=16,
             normalize_codes=True,
+            dtype="float32",
         )
         config.discriminator.update(base_features=32, num_layers=2)
         config.loss.perceptual = "if_available"
@@ -119,7 +126,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         )
         config.eval.update(num_images=16, batch_size=8)
     elif arg == "tiny":  # tests: seconds per step on one CPU core
-        config.data = data_lib.default_config(image_size=32, preset="none")
+        config.data = pipeline.default_config(image_size=32, preset="none")
         config.data.num_workers = 0
         config.batch_size = 8
         config.num_train_steps = 6
@@ -135,6 +142,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             num_embeddings=32,
             embedding_dim=8,
             norm_num_groups=8,
+            dtype="float32",
         )
         config.discriminator.update(base_features=8, num_layers=2)
         config.loss.perceptual = "if_available"
@@ -172,6 +180,9 @@ def vqfr_config(arg: str) -> ml_collections.ConfigDict:
             embedding_dim=256,
             beta=0.25,
             norm_groups=32,
+            dtype="bfloat16",  # the policy, as in get_config
+            param_dtype="float32",
+            kernels="auto",
         )
     )
     config.discriminator = ml_collections.ConfigDict(
@@ -207,7 +218,7 @@ def vqfr_config(arg: str) -> ml_collections.ConfigDict:
         decay_factor=0.5,
     )
     if arg == "vqfr_smoke":  # 64 px on CPU: two levels of f = 2 each, narrow
-        config.data = data_lib.default_config(image_size=64, preset="none")
+        config.data = pipeline.default_config(image_size=64, preset="none")
         config.batch_size = 8
         config.num_train_steps = 200
         config.log_every = 25
@@ -222,6 +233,7 @@ def vqfr_config(arg: str) -> ml_collections.ConfigDict:
             num_embeddings=128,
             embedding_dim=32,
             norm_groups=8,
+            dtype="float32",
         )
         config.discriminator.update(out_size=64, channel_multiplier=1, max_channels=64)
         config.loss.update(perceptual="if_available", adversarial_start=150)
@@ -229,7 +241,7 @@ def vqfr_config(arg: str) -> ml_collections.ConfigDict:
         config.optimizer.update(learning_rate=1e-3, disc_learning_rate=1e-4, milestones=(170,))
         config.eval.update(num_images=16, batch_size=8)
     elif arg == "vqfr_tiny":  # tests
-        config.data = data_lib.default_config(image_size=32, preset="none")
+        config.data = pipeline.default_config(image_size=32, preset="none")
         config.data.num_workers = 0
         config.batch_size = 8
         config.num_train_steps = 6
@@ -246,6 +258,7 @@ def vqfr_config(arg: str) -> ml_collections.ConfigDict:
             num_embeddings=16,
             embedding_dim=8,
             norm_groups=4,
+            dtype="float32",
         )
         config.discriminator.update(out_size=32, channel_multiplier=1, max_channels=16)
         config.loss.update(perceptual="if_available", adversarial_start=2)

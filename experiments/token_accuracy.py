@@ -28,12 +28,14 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from artfr_jax import data as data_lib  # noqa: E402
-from artfr_jax.data import degradations  # noqa: E402
+from artfr_jax import inference, workdirs  # noqa: E402
+from artfr_jax.data import degradations, pipeline  # noqa: E402
 from artfr_jax.evaluation import metrics as metrics_lib  # noqa: E402
-from artfr_jax.train import art_trainer, loop, stage1  # noqa: E402
-from artfr_jax.train import checkpoint as ckpt_lib  # noqa: E402
+from artfr_jax.models import factory  # noqa: E402
+from artfr_jax.models.artfr import hq_targets, nearest_tokens  # noqa: E402
+from artfr_jax.sampling import artfr as artfr_sampling  # noqa: E402
 from artfr_jax.utils import compile_cache  # noqa: E402
+from artfr_jax.utils import images as image_utils  # noqa: E402
 
 
 def level_params(cfg: ml_collections.ConfigDict, s: float) -> degradations.DegradationParams:
@@ -60,36 +62,38 @@ def run(
     steps: int | None = None,
 ) -> list[dict]:
     workdir = os.path.abspath(workdir)
-    config = ml_collections.ConfigDict(ckpt_lib.read_config(ckpt_lib.checkpoint_dir(workdir)))
-    if config.trainer != "art":
-        raise ValueError(
-            f"--workdir={workdir}: expected an ART-FR stage-II run, got {config.trainer}"
-        )
-    tokenizer, tok = stage1.load_stage1(config, stage1.stage1_dir(config, workdir))
-    art = art_trainer.make_model(config, tokenizer)
-    params = art_trainer.load_art_params(workdir, art, config.data.image_size)
+    _, saved, _ = workdirs.trained_config(workdir, "art", "--workdir")
+    config = ml_collections.ConfigDict(saved)
+    tokenizer, tok, _ = inference.load_tokenizer(
+        inference.stage1_workdir(saved, workdir), policy_from=saved["model"]
+    )
+    art = factory.art(config, tokenizer)
+    params = inference.load_art_params(workdir, art, config.data.image_size)
     steps = steps or int(config.sampling.steps)
     if art.transformer is None:
         raise ValueError(f"{workdir}: trained without the AR module; nothing to compare")
+
+    rng = jax.random.key(int(config.seed))  # greedy at temperature 0: the key matters only above
 
     def sampling(t):
         return ml_collections.ConfigDict({**config.sampling.to_dict(), "steps": t})
 
     @functools.partial(jax.jit, static_argnums=0)
     def predict(t, lq_u8, hq_u8):
-        targets, _ = art_trainer.hq_targets(tokenizer, tok, loop.to_float_image(hq_u8))
-        lq = loop.to_float_image(lq_u8)
-        tokens, f_l = art_trainer.restore_tokens(
-            params, tok, lq, jax.random.key(0), art=art, tokenizer=tokenizer, sampling=sampling(t)
+        targets, _ = hq_targets(tokenizer, tok, image_utils.to_float_image(hq_u8))
+        lq = image_utils.to_float_image(lq_u8)
+        tokens, f_l = artfr_sampling.restore_tokens(
+            params, tok, lq, rng, art=art, tokenizer=tokenizer, sampling=sampling(t)
         )
-        lookup = art_trainer.nearest_tokens(tokenizer, tok, f_l)
-        restored = loop.to_uint8_image(art_trainer.decode_tokens(tok, tokens, tokenizer=tokenizer))
+        lookup = nearest_tokens(tokenizer, tok, f_l)
+        restored = artfr_sampling.decode_tokens(tok, tokens, tokenizer=tokenizer)
+        restored = image_utils.to_uint8_image(restored)
         acc = lambda p: jnp.mean((p == targets).astype(jnp.float32), axis=1)
         return acc(lookup), acc(tokens), restored
 
     data_cfg = ml_collections.ConfigDict(config.data.to_dict())
-    data_cfg.degradation = data_lib.degradation_preset("none")
-    batches = data_lib.make_eval_batches(
+    data_cfg.degradation = degradations.degradation_preset("none")
+    batches = pipeline.make_eval_batches(
         data_cfg, num_images=num_images, batch_size=batch_size, seed=int(config.seed) + 7
     )
     deg = config.data.degradation

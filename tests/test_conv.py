@@ -1,5 +1,8 @@
-"""models/conv.py: the banded and the patch-matmul weight gradients equal XLA's, and the
-phase-decomposed upsampling conv equals nearest x2 + 3x3 conv, in value and in derivatives."""
+"""The CPU convolution kernels (models/cpu_kernels/conv.py, upsample.py) through the kernel switch:
+the banded and the patch-matmul weight gradients equal XLA's, and the phase-decomposed upsampling
+conv equals nearest x2 + 3x3 conv, in value and in derivatives."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -8,11 +11,12 @@ import pytest
 from flax import linen as nn
 from jax import lax
 
-from artfr_jax.models import conv, winograd
+from artfr_jax.models import kernels as kernels_lib
+from artfr_jax.models.cpu_kernels import CpuKernels, conv
+from artfr_jax.models.kernels import Kernels
 from artfr_jax.models.layers import Conv
 
 DN = ("NHWC", "HWIO", "NHWC")
-DEFAULT_MIN_BANDED_POSITIONS = conv.MIN_BANDED_POSITIONS  # before the fixtures lower it
 
 CASES = [
     # batch, height, width, in, out, kernel, stride, padding
@@ -25,22 +29,23 @@ CASES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _band_small_convs(monkeypatch):
-    """The tests' convolutions are tiny; take the banded path for them anyway."""
-    monkeypatch.setattr(conv, "MIN_BANDED_POSITIONS", 0)
-
-
-# Thresholds (MIN_BANDED_POSITIONS, MAX_PATCH_BYTES) that send every convolution down one path.
+# Thresholds (min_banded_positions, max_patch_bytes) that send every convolution down one path.
 WGRAD_PATHS = {"banded": (0, 0), "patches": (10**9, 10**12), "xla": (10**9, 0)}
 
 
 @pytest.fixture(params=sorted(WGRAD_PATHS))
-def wgrad(request, monkeypatch):
+def wgrad(request) -> Kernels:
+    """The CPU kernels with every weight gradient on one path."""
     banded, patch_bytes = WGRAD_PATHS[request.param]
-    monkeypatch.setattr(conv, "MIN_BANDED_POSITIONS", banded)
-    monkeypatch.setattr(conv, "MAX_PATCH_BYTES", patch_bytes)
-    return request.param
+    return Kernels("cpu", CpuKernels(min_banded_positions=banded, max_patch_bytes=patch_bytes))
+
+
+def _conv(kernels: Kernels):
+    return functools.partial(kernels_lib.conv_general_dilated, kernels=kernels)
+
+
+def _upsample(kernels: Kernels = Kernels("cpu")):
+    return functools.partial(kernels_lib.upsample2x_conv, kernels=kernels)
 
 
 def _data(b, h, w, c, o, k, seed=0):
@@ -78,15 +83,15 @@ def test_weight_grad_patches_matches_xla(case):
     np.testing.assert_allclose(got, vjp(dy)[0], rtol=1e-4, atol=1e-4)
 
 
-def test_weight_grad_path_by_size(monkeypatch):
-    """Banded from MIN_BANDED_POSITIONS on; below, the patch matmul while its patches fit in
-    MAX_PATCH_BYTES (the paper step's 64x64x256 level at 6 images), else XLA's."""
-    monkeypatch.setattr(conv, "MIN_BANDED_POSITIONS", DEFAULT_MIN_BANDED_POSITIONS)
-    assert conv.weight_grad_path(4 * 128 * 128, (3, 3, 64, 64), jnp.float32) == "banded"
-    assert conv.weight_grad_path(6 * 64 * 64, (3, 3, 256, 256), jnp.float32) == "patches"
-    assert conv.weight_grad_path(8 * 64 * 64, (3, 3, 32, 32), jnp.float32) == "patches"
-    assert conv.weight_grad_path(6 * 64 * 64, (3, 3, 512, 512), jnp.float32) == "xla"
-    assert conv.weight_grad_path(6 * 64 * 64, (3, 3, 512, 512), jnp.bfloat16) == "patches"
+def test_weight_grad_path_by_size():
+    """Banded from min_banded_positions on; below, the patch matmul while its patches fit in
+    max_patch_bytes (the paper step's 64x64x256 level at 6 images), else XLA's."""
+    opt = CpuKernels()
+    assert conv.weight_grad_path(4 * 128 * 128, (3, 3, 64, 64), jnp.float32, opt) == "banded"
+    assert conv.weight_grad_path(6 * 64 * 64, (3, 3, 256, 256), jnp.float32, opt) == "patches"
+    assert conv.weight_grad_path(8 * 64 * 64, (3, 3, 32, 32), jnp.float32, opt) == "patches"
+    assert conv.weight_grad_path(6 * 64 * 64, (3, 3, 512, 512), jnp.float32, opt) == "xla"
+    assert conv.weight_grad_path(6 * 64 * 64, (3, 3, 512, 512), jnp.bfloat16, opt) == "patches"
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -98,47 +103,41 @@ def test_conv_values_and_gradients_match_lax(case, wgrad):
     def loss(fn):
         return lambda x, k_: jnp.sum(jnp.sin(fn(x, k_, (s, s), pad, dimension_numbers=dn)))
 
-    ours, ref = loss(conv.conv_general_dilated), loss(lax.conv_general_dilated)
+    ours, ref = loss(_conv(wgrad)), loss(lax.conv_general_dilated)
     np.testing.assert_allclose(ours(x, kernel), ref(x, kernel), rtol=1e-5)
     got_grads = jax.jit(jax.grad(ours, (0, 1)))(x, kernel)
     for got, want in zip(got_grads, jax.grad(ref, (0, 1))(x, kernel), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_banded_path_is_taken_on_cpu_and_only_for_plain_convs():
+def test_banded_path_is_taken_by_the_cpu_kernels_and_only_for_plain_convs():
     x, kernel = _data(1, 8, 8, 2, 3, 3)
     dn = lax.conv_dimension_numbers(x.shape, kernel.shape, DN)
-    jaxpr = str(
-        jax.make_jaxpr(
-            lambda k_: conv.conv_general_dilated(x, k_, (1, 1), "SAME", dimension_numbers=dn)
-        )(kernel)
-    )
-    assert ("custom_vjp" in jaxpr) == conv.banded_backend()
-    dilated = str(
-        jax.make_jaxpr(
-            lambda k_: conv.conv_general_dilated(
-                x, k_, (1, 1), "SAME", rhs_dilation=(2, 2), dimension_numbers=dn
-            )
-        )(kernel)
-    )
-    assert "custom_vjp" not in dilated
+    banded = Kernels("cpu", CpuKernels(min_banded_positions=0))
 
-
-def test_convs_with_too_many_patches_keep_xla_weight_gradient(monkeypatch):
-    x, kernel = _data(1, 8, 8, 2, 3, 3)
-    dn = lax.conv_dimension_numbers(x.shape, kernel.shape, DN)
-    monkeypatch.setattr(conv, "MIN_BANDED_POSITIONS", 8 * 8 + 1)
-
-    def jaxpr():
+    def jaxpr(kernels, **kw):
+        fn = _conv(kernels)
         return str(
-            jax.make_jaxpr(
-                lambda k_: conv.conv_general_dilated(x, k_, (1, 1), "SAME", dimension_numbers=dn)
-            )(kernel)
+            jax.make_jaxpr(lambda k_: fn(x, k_, (1, 1), "SAME", dimension_numbers=dn, **kw))(kernel)
         )
 
-    assert ("custom_vjp" in jaxpr()) == conv.banded_backend()  # 8x8 positions: patches
-    monkeypatch.setattr(conv, "MAX_PATCH_BYTES", 8 * 8 * 9 * 2 * 4 - 1)
-    assert "custom_vjp" not in jaxpr()
+    assert "custom_vjp" in jaxpr(banded)
+    assert "custom_vjp" not in jaxpr(Kernels("xla", banded.cpu))
+    assert "custom_vjp" not in jaxpr(banded, rhs_dilation=(2, 2))
+
+
+def test_convs_with_too_many_patches_keep_xla_weight_gradient():
+    x, kernel = _data(1, 8, 8, 2, 3, 3)
+    dn = lax.conv_dimension_numbers(x.shape, kernel.shape, DN)
+
+    def jaxpr(**options):
+        fn = _conv(Kernels("cpu", CpuKernels(min_banded_positions=8 * 8 + 1, **options)))
+        return str(
+            jax.make_jaxpr(lambda k_: fn(x, k_, (1, 1), "SAME", dimension_numbers=dn))(kernel)
+        )
+
+    assert "custom_vjp" in jaxpr()  # 8x8 positions: patches
+    assert "custom_vjp" not in jaxpr(max_patch_bytes=8 * 8 * 9 * 2 * 4 - 1)
 
 
 def test_second_order_gradients_match_lax(wgrad):
@@ -153,7 +152,7 @@ def test_second_order_gradients_match_lax(wgrad):
         return jnp.sum(g**2)
 
     np.testing.assert_allclose(
-        jax.grad(r1)(kernel, conv.conv_general_dilated),
+        jax.grad(r1)(kernel, _conv(wgrad)),
         jax.grad(r1)(kernel, lax.conv_general_dilated),
         rtol=1e-4,
         atol=1e-5,
@@ -176,13 +175,16 @@ def _upsample_then_conv(x, kernel):
     return lax.conv_general_dilated(up, kernel, (1, 1), "SAME", dimension_numbers=DN)
 
 
+@pytest.mark.parametrize("mode", ["cpu", "xla"])
 @pytest.mark.parametrize("shape", [(2, 5, 7, 3, 4), (1, 8, 8, 6, 2), (1, 1, 3, 2, 5)])
-def test_upsample2x_conv_equals_upsample_then_conv(shape):
-    """The four 2x2 phase convolutions equal nearest x2 + 3x3 SAME conv, with their gradients."""
+def test_upsample2x_conv_equals_upsample_then_conv(shape, mode):
+    """The four 2x2 phase convolutions (CPU) and XLA's nearest x2 + conv equal nearest x2 + 3x3
+    SAME conv, with their gradients."""
     b, h, w, c, o = shape
     x, kernel = _data(b, h, w, c, o, 3, seed=h)
     cot = jnp.asarray(np.random.default_rng(1).standard_normal((b, 2 * h, 2 * w, o)), jnp.float32)
-    ours = lambda x_, k_: conv.upsample2x_conv(x_, k_, (1, 1), "SAME", dimension_numbers=DN)  # noqa: E731
+    up = _upsample(Kernels(mode))
+    ours = lambda x_, k_: up(x_, k_, (1, 1), "SAME", dimension_numbers=DN)  # noqa: E731
     np.testing.assert_allclose(
         ours(x, kernel), _upsample_then_conv(x, kernel), rtol=1e-5, atol=1e-5
     )
@@ -194,15 +196,15 @@ def test_upsample2x_conv_equals_upsample_then_conv(shape):
 
 
 @pytest.mark.parametrize("shape", [(2, 5, 7, 3, 4), (1, 8, 8, 6, 2)])
-def test_upsample2x_conv_as_winograd_equals_upsample_then_conv(monkeypatch, shape):
+def test_upsample2x_conv_as_winograd_equals_upsample_then_conv(shape):
     """With the thresholds lowered, the phase convolution and its input gradient run as Winograd
     F(4x4, 2x2): no convolution is left in the forward, values and gradients are unchanged."""
-    monkeypatch.setattr(winograd, "MIN_SIZES_2X2", ((0, 1),))
-    monkeypatch.setattr(winograd, "MIN_SIZES_2X2_GRADS", ((0, 1),))
+    all_sizes = CpuKernels(upsample_min_sizes=((0, 1),), upsample_grad_min_sizes=((0, 1),))
     b, h, w, c, o = shape
     x, kernel = _data(b, h, w, c, o, 3, seed=w)
     cot = jnp.asarray(np.random.default_rng(2).standard_normal((b, 2 * h, 2 * w, o)), jnp.float32)
-    ours = lambda x_, k_: conv.upsample2x_conv(x_, k_, (1, 1), "SAME", dimension_numbers=DN)  # noqa: E731
+    up = _upsample(Kernels("cpu", all_sizes))
+    ours = lambda x_, k_: up(x_, k_, (1, 1), "SAME", dimension_numbers=DN)  # noqa: E731
     assert "conv_general_dilated" not in str(jax.make_jaxpr(ours)(x, kernel))
     y, ref = jax.jit(ours)(x, kernel), _upsample_then_conv(x, kernel)
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5)
@@ -220,7 +222,7 @@ def test_upsample2x_conv_default_thresholds():
     def uses_winograd(shape, channels):
         x = jax.ShapeDtypeStruct(shape, jnp.float32)
         k = jax.ShapeDtypeStruct((3, 3, shape[-1], channels), jnp.float32)
-        fn = lambda x_, k_: conv.upsample2x_conv(x_, k_, dimension_numbers=DN)  # noqa: E731
+        fn = lambda x_, k_: _upsample()(x_, k_, dimension_numbers=DN)  # noqa: E731
         return "conv_general_dilated" not in str(jax.make_jaxpr(fn)(x, k))
 
     assert uses_winograd((1, 256, 256, 128), 128)
@@ -233,9 +235,9 @@ def test_upsample2x_conv_default_thresholds():
 def test_upsample2x_conv_rejects_other_convolutions():
     x, kernel = _data(1, 4, 4, 2, 2, 3)
     with pytest.raises(ValueError, match="3x3 NHWC/HWIO kernel, stride 1, SAME"):
-        conv.upsample2x_conv(x, kernel, (2, 2), "SAME", dimension_numbers=DN)
+        _upsample()(x, kernel, (2, 2), "SAME", dimension_numbers=DN)
     with pytest.raises(ValueError, match=r"got kernel \(1, 1, 2, 2\)"):
-        conv.upsample2x_conv(x, kernel[:1, :1], (1, 1), "SAME", dimension_numbers=DN)
+        _upsample()(x, kernel[:1, :1], (1, 1), "SAME", dimension_numbers=DN)
 
 
 def test_upsample_module_keeps_conv_parameters():
@@ -263,7 +265,7 @@ def test_upsample2x_conv_with_preferred_element_type():
     """bfloat16 operands with a float32 result (``preferred_element_type``), gradients included."""
     x, kernel = _data(1, 4, 5, 3, 2, 3)
     xb, kb = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
-    f = lambda x_, k_: conv.upsample2x_conv(  # noqa: E731
+    f = lambda x_, k_: _upsample()(  # noqa: E731
         x_, k_, dimension_numbers=DN, preferred_element_type=jnp.float32
     )
     assert f(xb, kb).dtype == jnp.float32

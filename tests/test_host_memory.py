@@ -77,3 +77,21 @@ def test_importing_the_package_leaves_the_allocator_alone():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "platforms, expected", [("cpu", True), ("cuda", False), ("tpu,cpu", False), ("", True)]
+)
+def test_applied_only_where_jax_runs_on_the_cpu(platforms, expected):
+    """Decided from JAX_PLATFORMS, else from the accelerator plugins installed (none here), before
+    JAX starts a backend."""
+    code = (
+        "from artfr_jax.utils import host_memory\n"
+        "print('CPU', host_memory.runs_on_cpu())\n"
+        "import jax._src.xla_bridge as xb\n"
+        "print('BACKENDS', len(xb._backends))\n"
+    )
+    env = dict(os.environ, JAX_PLATFORMS=platforms)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"CPU {expected}" in out.stdout and "BACKENDS 0" in out.stdout, out.stdout

@@ -6,7 +6,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from artfr_jax import data
+from artfr_jax.data import pipeline as data
 
 
 def _cfg(size=32, n=16, **kw):

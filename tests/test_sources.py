@@ -6,7 +6,8 @@ import cv2
 import numpy as np
 import pytest
 
-from artfr_jax.data import load_image, sources
+from artfr_jax.data import sources
+from artfr_jax.data.sources import load_image
 
 
 def _write(path, img):
@@ -152,16 +153,16 @@ def test_tfds_source(tmp_path):
 
 def test_tfds_source_through_worker_processes(tmp_path):
     """The TFDS source is pickled into grain's worker processes and reopened there by name."""
-    from artfr_jax import data
+    from artfr_jax.data import pipeline
 
     _prepare_tiny_tfds(tmp_path, num_train=6)
-    cfg = data.default_config(16)
+    cfg = pipeline.default_config(16)
     cfg.update(source="tfds", tfds_name="artfr_tiny_faces", tfds_data_dir=str(tmp_path))
     cfg.update(eval_holdout=2, num_workers=2)
-    train = data.pipeline.train_source(cfg)
+    train = pipeline.train_source(cfg)
     train_values = sorted(int(train[i][0, 0, 0]) for i in range(len(train)))
     assert len(train_values) == 4
-    it = data.make_train_iterator(cfg, global_batch_size=2, seed=0)
+    it = pipeline.make_train_iterator(cfg, global_batch_size=2, seed=0)
     try:
         batches = [next(it) for _ in range(4)]  # two epochs of the four training records
     finally:

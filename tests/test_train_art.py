@@ -1,5 +1,6 @@
-"""Stage II of ART-FR on the tiny config: a real run, sharding parity, resume, the frozen stage-I
-checks, the restorer and the restore command on a real checkpoint."""
+"""ART-FR stage II beyond what every trainer does (tests/test_trainers.py): its loss terms, the
+frozen stage-I checks, the final restoration, the restorer and the restore command on a real
+checkpoint, the ablations, the token-accuracy experiment."""
 
 import csv
 import glob
@@ -12,35 +13,23 @@ import numpy as np
 import pytest
 from absl import flags
 
-from artfr_jax import inference, restore
-from artfr_jax.train import art_trainer, sharding, vqgan_trainer
-from artfr_jax.train import checkpoint as ckpt_lib
-from artfr_jax.train import writers as writers_lib
-from configs import art as art_config
+from artfr_jax import inference, restore, workdirs
+from artfr_jax.train import art_trainer, sharding
 from experiments import token_accuracy
-from tests import overrides as overrides_lib
+from tests import trainers
+
+ART = trainers.TRAINERS["art"]
+tiny_config = ART.tiny_config
 
 
 @pytest.fixture(scope="module")
 def stage1(tmp_path_factory):
     """One tiny stage-I tokenizer shared by every test here."""
-    workdir = str(tmp_path_factory.mktemp("stage1"))
-    config = art_config.get_config("tiny").stage1.config
-    config.eval_every = 0
-    vqgan_trainer.train_and_evaluate(config, workdir)
-    return workdir
-
-
-def tiny_config(stage1_dir, **overrides):
-    config = art_config.get_config("tiny")
-    config.stage1.workdir = stage1_dir
-    config.stage1.train_if_missing = False
-    return overrides_lib.apply(config, overrides)
+    return ART.train_stage1(str(tmp_path_factory.mktemp("stage1")))
 
 
 def _losses(workdir):
-    rows = writers_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-    return {r["step"]: r for r in rows if "train/loss" in r}
+    return {r["step"]: r for r in trainers.jsonl(workdir) if "train/loss" in r}
 
 
 @pytest.fixture(scope="module")
@@ -92,40 +81,6 @@ def test_train_and_evaluate_then_restore(trained, tmp_path):
     out = np.asarray(Image.open(tmp_path / "out" / "face.png"))
     assert out.shape == (32, 32, 3)
     assert sorted(os.listdir(src)) == ["broken.jpg", "face.png"]
-
-
-def _one_step(config, devices):
-    mesh = sharding.make_mesh(config.mesh, devices=devices)
-    stage = art_trainer.make_stage(config, "/unused")
-    state, shardings = stage.init_state(jax.random.key(0), mesh)
-    batch = next(stage.train_iterator(0, 0, 1))
-    with jax.set_mesh(mesh):
-        step = jax.jit(
-            stage.train_step,
-            in_shardings=(shardings, sharding.batch_sharding(mesh), None, None),
-            out_shardings=(shardings, None),
-        )
-        frozen = jax.device_put(stage.frozen, sharding.replicated(mesh))
-        new_state, metrics = step(
-            state, sharding.global_batch_to_devices(batch, mesh), jax.random.key(1), frozen
-        )
-    return jax.device_get(new_state.params), jax.device_get(metrics), new_state
-
-
-def test_eight_device_step_matches_one_device(stage1):
-    # eps as in the stage-I parity test: Adam's first step g/(|g|+eps) amplifies round-off in
-    # near-zero gradients into sign flips.
-    config = tiny_config(stage1, **{"optimizer.eps": 1e-3, "model.dropout_rate": 0.1})
-    with jax.default_matmul_precision("highest"):
-        p1, m1, _ = _one_step(config, jax.devices()[:1])
-        config.mesh.update(data=4, fsdp=2)
-        p8, m8, state8 = _one_step(config, jax.devices()[:8])
-    specs = {str(x.sharding.spec) for x in jax.tree.leaves(state8.params)}
-    assert any("fsdp" in s for s in specs), specs
-    for k in m1:
-        np.testing.assert_allclose(m8[k], m1[k], rtol=1e-5, atol=1e-6, err_msg=k)
-    for a, b in zip(jax.tree.leaves(p8), jax.tree.leaves(p1), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_lq_encoder_starts_from_stage_one(stage1):
@@ -186,7 +141,10 @@ def test_ablations_train(stage1, tmp_path, overrides):
         assert set(state.params["art"]) == {"lq_encoder"}
         np.testing.assert_allclose(float(metrics["loss"]), float(metrics["feat_loss"]))
         sums, rows = jax.jit(stage.eval_step)(
-            state, {**batch, "mask": jnp.ones(batch["hq"].shape[0])}, stage.frozen
+            state,
+            {**batch, "mask": jnp.ones(batch["hq"].shape[0])},
+            jax.random.key(2),
+            stage.frozen,
         )
         # Without the AR module, restoration is exactly the plain lookup.
         assert float(sums["token_acc"]) == pytest.approx(float(sums["lookup_acc"]))
@@ -197,7 +155,7 @@ def test_ablations_train(stage1, tmp_path, overrides):
 def test_checkpoint_config_names_the_trainer(stage1, tmp_path):
     workdir = str(tmp_path / "art")
     art_trainer.train_and_evaluate(tiny_config(stage1, eval_every=0, num_train_steps=2), workdir)
-    saved = ckpt_lib.read_config(ckpt_lib.checkpoint_dir(workdir))
+    saved = workdirs.read_config(workdirs.checkpoint_dir(workdir))
     assert saved["trainer"] == "art" and saved["stage1"]["workdir"] == stage1
 
 
@@ -217,3 +175,26 @@ def test_token_accuracy_experiment_writes_csv_and_plot(trained, tmp_path):
     from PIL import Image
 
     assert Image.open(os.path.join(out, "token_accuracy.png")).size[0] > 100
+
+
+def test_restoring_loads_no_training_code(trained, tmp_path):
+    """``artfr_jax.restore`` / ``inference`` restore a workdir without importing a trainer, the
+    training loop, optax or grain (a fresh interpreter: this one has imported them all)."""
+    import subprocess
+    import sys
+
+    workdir, _ = trained
+    code = (
+        "import sys, numpy as np, jax\n"
+        "from artfr_jax import inference, restore\n"
+        f"r = inference.load_restorer({workdir!r})\n"
+        "out = r(np.zeros((2, r.image_size, r.image_size, 3), np.uint8), jax.random.key(0))\n"
+        "assert out.shape == (2, r.image_size, r.image_size, 3)\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('optax', 'grain')\n"
+        "             or m.startswith(('artfr_jax.train', 'artfr_jax.data.pipeline')))\n"
+        "print('LOADED', bad)\n"
+    )
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "LOADED []" in out.stdout, out.stdout

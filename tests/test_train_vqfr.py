@@ -1,5 +1,5 @@
-"""VQFR on the tiny configs: stage I with k-means re-estimation, stage II, sharding parity and the
-restore command on a VQFR workdir (resume after SIGKILL: test_main_cli)."""
+"""VQFR beyond what every trainer does (tests/test_trainers.py): stage I with k-means
+re-estimation, the stage-II losses, the restore command on a VQFR workdir, ``init_from``."""
 
 import os
 
@@ -9,32 +9,21 @@ import pytest
 from absl import flags
 from PIL import Image
 
-from artfr_jax import inference, restore
-from artfr_jax.train import checkpoint as ckpt_lib
+from artfr_jax import inference, restore, workdirs
+from artfr_jax.models import factory
 from artfr_jax.train import sharding, vqfr_trainer, vqgan_trainer
-from artfr_jax.train import writers as writers_lib
 from configs import vqfr as vqfr_config
-from tests import overrides as overrides_lib
+from tests import trainers
 from tests.test_restore_cli import _mixed_folder, _snapshot
 
-
-def _rows(workdir):
-    return writers_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+VQFR = trainers.TRAINERS["vqfr"]
+tiny_config = VQFR.tiny_config
+_rows = trainers.jsonl
 
 
 @pytest.fixture(scope="module")
 def stage1(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("vqfr_stage1"))
-    config = vqfr_config.get_config("tiny").stage1.config
-    config.eval_every = 0
-    vqgan_trainer.train_and_evaluate(config, workdir)
-    return workdir
-
-
-def tiny_config(stage1_dir, **overrides):
-    config = vqfr_config.get_config("tiny")
-    config.stage1.update(workdir=stage1_dir, train_if_missing=False)
-    return overrides_lib.apply(config, overrides)
+    return VQFR.train_stage1(str(tmp_path_factory.mktemp("vqfr_stage1")))
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +35,7 @@ def trained(stage1, tmp_path_factory):
 def test_stage_one_reestimates_the_codebook_with_kmeans(stage1):
     rows = [r for r in _rows(stage1) if "train/kmeans_reestimated" in r]
     assert rows and sum(r["train/kmeans_reestimated"] for r in rows) > 0
-    assert ckpt_lib.read_config(ckpt_lib.checkpoint_dir(stage1))["model"]["arch"] == "vqfr_v1"
+    assert workdirs.read_config(workdirs.checkpoint_dir(stage1))["model"]["arch"] == "vqfr_v1"
 
 
 def test_reestimation_replaces_the_codebook_by_reservoir_centres():
@@ -87,7 +76,7 @@ def test_train_and_evaluate_then_restore_a_mixed_folder(trained, tmp_path):
     assert all(np.isfinite(r["train/loss"]) and r["train/code"] >= 0 for r in rows)
     assert rows[-1]["train/d_main_local_loss"] > 0  # the main branch's GAN started at step 3
     assert os.path.exists(os.path.join(workdir, "samples", "vqfr_step0000006.png"))
-    assert ckpt_lib.read_config(ckpt_lib.checkpoint_dir(workdir))["trainer"] == "vqfr"
+    assert workdirs.read_config(workdirs.checkpoint_dir(workdir))["trainer"] == "vqfr"
 
     src = tmp_path / "in"
     good, bad = _mixed_folder(src)
@@ -133,45 +122,11 @@ def test_train_and_evaluate_then_restore_a_mixed_folder(trained, tmp_path):
     np.testing.assert_array_equal(r(lq, jax.random.key(0)), r(lq, jax.random.key(1)))
 
 
-def _one_step(config, devices):
-    mesh = sharding.make_mesh(config.mesh, devices=devices)
-    stage = vqfr_trainer.make_stage(config, "/unused")
-    state, shardings = stage.init_state(jax.random.key(0), mesh)
-    batch = next(stage.train_iterator(0, 0, 1))
-    with jax.set_mesh(mesh):
-        step = jax.jit(
-            stage.train_step,
-            in_shardings=(shardings, sharding.batch_sharding(mesh), None, None),
-            out_shardings=(shardings, None),
-        )
-        frozen = jax.device_put(stage.frozen, sharding.replicated(mesh))
-        state = state.replace(step=jax.numpy.asarray(16, jax.numpy.int32))  # GANs and R1 on
-        new_state, metrics = step(
-            state, sharding.global_batch_to_devices(batch, mesh), jax.random.key(1), frozen
-        )
-    return jax.device_get(new_state.params), jax.device_get(metrics), new_state
-
-
-def test_eight_device_step_matches_one_device(stage1):
-    config = tiny_config(stage1, **{"optimizer.eps": 1e-3})
-    with jax.default_matmul_precision("highest"):
-        p1, m1, _ = _one_step(config, jax.devices()[:1])
-        config.mesh.update(data=4, fsdp=2)
-        p8, m8, state8 = _one_step(config, jax.devices()[:8])
-    specs = {str(x.sharding.spec) for x in jax.tree.leaves(state8.params)}
-    assert any("fsdp" in s for s in specs), specs
-    assert m1["d_global_d_r1"] > 0
-    for k in m1:
-        np.testing.assert_allclose(m8[k], m1[k], rtol=2e-4, atol=1e-5, err_msg=k)
-    for a, b in zip(jax.tree.leaves(p8), jax.tree.leaves(p1), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-
-
 def test_stage_one_must_be_vqfr_codebook(tmp_path):
     config = vqfr_config.get_config("tiny")
     config.stage1.config.model.arch = "taming"
     with pytest.raises(ValueError, match="'vqfr_v1' codebook model"):
-        vqfr_trainer.make_model(config)
+        factory.vqfr(config)
 
 
 def test_init_from_a_workdir_or_a_converted_file(stage1, trained, tmp_path):
@@ -179,7 +134,7 @@ def test_init_from_a_workdir_or_a_converted_file(stage1, trained, tmp_path):
     config = tiny_config(stage1, init_from=workdir)
     stage = vqfr_trainer.make_stage(config, str(tmp_path / "new"))
     state, _ = stage.init_state(jax.random.key(3), sharding.make_mesh(config.mesh))
-    _, want, _ = vqfr_trainer.load_vqfr(workdir)
+    _, want, _ = inference.load_vqfr(workdir)
     for a, b in zip(jax.tree.leaves(state.params["sr"]), jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(a, b)
     remat = tiny_config(stage1, init_from=workdir)

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from artfr_jax.convert import diffusers_vq
-from artfr_jax.models import winograd
+from artfr_jax.models.cpu_kernels import CpuKernels
+from artfr_jax.models.kernels import Kernels
 from artfr_jax.models.vqgan import VQGAN
 
 CONFIG = {
@@ -74,18 +75,29 @@ def models():
     return tm, VQGAN(**kwargs), {"params": params}, x
 
 
-@pytest.fixture(params=["direct", "winograd"])
-def conv_path(request, monkeypatch):
-    """Every 3x3 convolution direct, or (thresholds lowered) as Winograd on the CPU: F(4x4, 3x3),
-    and F(4x4, 2x2) for the upsampling's phase convolution."""
-    if request.param == "winograd":
-        for table in ("MIN_SIZES", "MIN_SIZES_2X2", "MIN_SIZES_2X2_GRADS"):
-            monkeypatch.setattr(winograd, table, ((0, 1),))
-    return request.param
+ALL = ((0, 1),)
+KERNELS = {
+    # Plain XLA ops, as every GPU and TPU program runs them.
+    "xla": Kernels("xla"),
+    # The CPU kernels at their default sizes: direct 3x3 convolutions at these sizes, phase
+    # upsampling, group norm's backward, patch weight gradients.
+    "cpu": Kernels("cpu"),
+    # Every 3x3 convolution as Winograd F(4x4, 3x3), the upsampling as F(4x4, 2x2).
+    "winograd": Kernels(
+        "cpu",
+        CpuKernels(winograd_min_sizes=ALL, upsample_min_sizes=ALL, upsample_grad_min_sizes=ALL),
+    ),
+}
+
+
+@pytest.fixture(params=sorted(KERNELS))
+def conv_path(request) -> Kernels:
+    return KERNELS[request.param]
 
 
 def test_vqgan_encode_quantize_decode_parity(models, conv_path):
     tm, jm, variables, x = models
+    jm = jm.clone(kernels=conv_path)
     with torch.no_grad():
         t_lat = tm.encode(_nchw(x)).latents
         t_q, _, (_, _, t_idx) = tm.quantize(t_lat)
@@ -236,6 +248,7 @@ def test_vqgan_gradient_parity(models, conv_path):
     """Parameter gradients of decode(encode(x)) agree with torch autograd (checks GroupNorm's
     hand-written backward and every transposed layout)."""
     tm, jm, variables, x = models
+    jm = jm.clone(kernels=conv_path)
     w = np.random.default_rng(2).normal(size=(2, 32, 32, 3)).astype(np.float32)
     tm.zero_grad(set_to_none=True)
     out = tm.decode(tm.encode(_nchw(x)).latents, force_not_quantize=True).sample

@@ -1,6 +1,8 @@
-"""models/winograd.py and its use by models/conv.py: Winograd F(4x4, 3x3) and F(2x2, 3x3) equal the
-direct 3x3 'SAME' convolution and F(4x4, 2x2) the 2x2 'VALID' one in value, input and weight
-gradients, and the CPU models take them only where they pay."""
+"""models/cpu_kernels/winograd.py and its use by the CPU convolution: Winograd F(4x4, 3x3) and
+F(2x2, 3x3) equal the direct 3x3 'SAME' convolution and F(4x4, 2x2) the 2x2 'VALID' one in value,
+input and weight gradients, and the CPU kernels take them only where they pay."""
+
+import functools
 
 import jax
 import jax.extend
@@ -9,7 +11,9 @@ import numpy as np
 import pytest
 from jax import lax
 
-from artfr_jax.models import conv, winograd
+from artfr_jax.models import kernels as kernels_lib
+from artfr_jax.models.cpu_kernels import CpuKernels, winograd
+from artfr_jax.models.kernels import Kernels
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -48,20 +52,26 @@ def _primitives(fn, *args):
 SHAPES = [(1, 8, 8, 3, 4), (2, 9, 13, 5, 7), (3, 17, 4, 6, 2), (1, 1, 1, 2, 3), (2, 12, 20, 16, 8)]
 
 
-# SMALL_TILE values that send every convolution to F(2x2, 3x3), or none.
+# small_tile values that send every convolution to F(2x2, 3x3), or none.
 TILE_2X2 = {"F4x4": (0, 10**9), "F2x2": (10**9, 0)}
 
 
 @pytest.fixture(params=sorted(TILE_2X2))
-def tile(request, monkeypatch):
-    monkeypatch.setattr(winograd, "SMALL_TILE", TILE_2X2[request.param])
-    return request.param
+def tile(request):
+    return TILE_2X2[request.param]
+
+
+def _cpu_conv(**options):
+    """The models' convolution with the CPU kernels and ``CpuKernels(**options)``."""
+    return functools.partial(
+        kernels_lib.conv_general_dilated, kernels=Kernels("cpu", CpuKernels(**options))
+    )
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_conv3x3_equals_direct_convolution(shape, tile):
     x, w = _data(*shape)
-    y = winograd.conv3x3(x, w)
+    y = winograd.conv3x3(x, w, small_tile=tile)
     assert y.shape == x.shape[:3] + (w.shape[-1],)
     assert _rel(y, _direct(x, w)) < 1e-5
     np.testing.assert_allclose(y, _direct(x, w), rtol=1e-4, atol=1e-5)
@@ -72,7 +82,7 @@ def test_input_gradient_equals_direct_convolutions(shape, tile):
     x, w = _data(*shape, seed=1)
     y, vjp = jax.vjp(lambda x_: _direct(x_, w), x)
     dy = jnp.cos(3 * y)
-    assert _rel(winograd.conv3x3_input_grad(dy, w), vjp(dy)[0]) < 1e-5
+    assert _rel(winograd.conv3x3_input_grad(dy, w, small_tile=tile), vjp(dy)[0]) < 1e-5
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -80,7 +90,7 @@ def test_weight_gradient_equals_xla(shape, tile):
     x, w = _data(*shape, seed=5)
     y, vjp = jax.vjp(lambda w_: _direct(x, w_), w)
     dy = jnp.cos(3 * y)
-    dw = winograd.conv3x3_weight_grad(x, dy)
+    dw = winograd.conv3x3_weight_grad(x, dy, small_tile=tile)
     assert dw.shape == w.shape
     assert _rel(dw, vjp(dy)[0]) < 1e-5
 
@@ -105,17 +115,18 @@ def test_transforms_are_the_minimal_filtering_identity(f):
 def test_few_positions_and_many_channels_take_the_2x2_tile():
     """The paper tokenizer's 16x16 levels at one image: F(2x2, 3x3); more images, fewer channel
     pairs, or larger images: F(4x4, 3x3)."""
-    assert winograd.minimal_3x3(16 * 16, 512, 512) is winograd.F2_3
-    assert winograd.minimal_3x3(16 * 16, 256, 512) is winograd.F2_3
-    assert winograd.minimal_3x3(2 * 16 * 16, 512, 512) is winograd.F4_3
-    assert winograd.minimal_3x3(16 * 16, 256, 256) is winograd.F4_3
-    assert winograd.minimal_3x3(32 * 32, 512, 512) is winograd.F4_3
+    tile = CpuKernels().winograd_small_tile
+    assert winograd.minimal_3x3(16 * 16, 512, 512, tile) is winograd.F2_3
+    assert winograd.minimal_3x3(16 * 16, 256, 512, tile) is winograd.F2_3
+    assert winograd.minimal_3x3(2 * 16 * 16, 512, 512, tile) is winograd.F4_3
+    assert winograd.minimal_3x3(16 * 16, 256, 256, tile) is winograd.F4_3
+    assert winograd.minimal_3x3(32 * 32, 512, 512, tile) is winograd.F4_3
     # The choice shows in the program: 16 transformed weight matrices instead of 36.
     x = jax.ShapeDtypeStruct((1, 16, 16, 512), jnp.float32)
     w = jax.ShapeDtypeStruct((3, 3, 512, 512), jnp.float32)
     out = jax.eval_shape(lambda w_: winograd.weight_transform(w_, winograd.F2_3), w)
     assert out.shape == (16, 512, 512)
-    text = jax.jit(winograd.conv3x3).lower(x, w).as_text()
+    text = jax.jit(functools.partial(winograd.conv3x3, small_tile=tile)).lower(x, w).as_text()
     assert "tensor<16x512x512xf32>" in text and "tensor<36x512x512xf32>" not in text
 
 
@@ -153,14 +164,14 @@ def test_rejects_other_kernels():
         winograd.conv2x2(jnp.zeros((1, 4, 4, 2)), jnp.zeros((2, 2, 3, 2)))
 
 
-def test_models_conv_takes_it_with_gradients_equal_to_lax(monkeypatch):
+def test_models_conv_takes_it_with_gradients_equal_to_lax():
     """Above the thresholds (lowered here) neither the forward nor the backward has a convolution
     left; the value and the gradients for input and kernel equal lax's."""
-    monkeypatch.setattr(winograd, "MIN_SIZES", ((0, 1),))
+    conv = _cpu_conv(winograd_min_sizes=((0, 1),))
     x, w = _data(2, 10, 12, 4, 6, seed=3)
 
     def ours(x_, w_):
-        return conv.conv_general_dilated(x_, w_, (1, 1), "SAME", dimension_numbers=DN)
+        return conv(x_, w_, (1, 1), "SAME", dimension_numbers=DN)
 
     def loss(fn):
         return lambda x_, w_: jnp.sum(jnp.sin(fn(x_, w_)))
@@ -175,10 +186,10 @@ def test_models_conv_takes_it_with_gradients_equal_to_lax(monkeypatch):
 
 
 def test_default_thresholds_pick_large_float32_same_3x3_only():
+    conv = _cpu_conv()
+
     def uses_winograd(x, w, strides=(1, 1), padding="SAME"):
-        fn = lambda x_, w_: conv.conv_general_dilated(
-            x_, w_, strides, padding, dimension_numbers=DN
-        )  # noqa: E731
+        fn = lambda x_, w_: conv(x_, w_, strides, padding, dimension_numbers=DN)  # noqa: E731
         return "conv_general_dilated" not in _primitives(fn, x, w)
 
     big = jax.ShapeDtypeStruct((1, 128, 128, 64), jnp.float32)
@@ -207,9 +218,9 @@ def test_default_thresholds_pick_large_float32_same_3x3_only():
     assert not uses_winograd(bf16, jax.ShapeDtypeStruct(k.shape, jnp.bfloat16))
 
 
-def test_switch_off_gives_the_direct_convolution(monkeypatch):
-    monkeypatch.setattr(conv, "USE_WINOGRAD", False)
+def test_switch_off_gives_the_direct_convolution():
+    conv = _cpu_conv(winograd=False)
     x = jax.ShapeDtypeStruct((1, 128, 128, 64), jnp.float32)
     k = jax.ShapeDtypeStruct((3, 3, 64, 64), jnp.float32)
-    fn = lambda x_, w_: conv.conv_general_dilated(x_, w_, (1, 1), "SAME", dimension_numbers=DN)  # noqa: E731
+    fn = lambda x_, w_: conv(x_, w_, (1, 1), "SAME", dimension_numbers=DN)  # noqa: E731
     assert "conv_general_dilated" in _primitives(fn, x, k)

@@ -9,10 +9,11 @@ transformer width. The frozen codebook and HQ decoder stay with the stage-I para
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import linen as nn
 
 from artfr_jax.models.transformer import MaskedTokenTransformer
-from artfr_jax.models.vqgan import VQGAN
+from artfr_jax.models.vqgan import VQGAN, _l2_normalize, nearest_code
 
 
 class ARTFR(nn.Module):
@@ -51,3 +52,30 @@ class ARTFR(nn.Module):
         if self.transformer is None:
             return None, f_l
         return self.token_logits(tokens, f_l, train=train), f_l
+
+
+# The frozen stage-I tokenizer as training targets and as the lookup of restoration (Sec. 3.2-3.3).
+
+
+def hq_targets(tokenizer: VQGAN, tok_params, hq: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Frozen ``E_h`` + ``Q``: ``hq [B, H, W, 3] -> (tokens [B, N], f_h quantised [B, h, w, C])``,
+    ``f_h`` in float32."""
+    z = tokenizer.apply({"params": tok_params}, hq, method=VQGAN.encode)
+    _, idx, _ = tokenizer.apply({"params": tok_params}, z, method=VQGAN.quantize)
+    f_h = tokenizer.apply({"params": tok_params}, idx, method=VQGAN.lookup)
+    return idx.reshape(idx.shape[0], -1), jax.lax.stop_gradient(f_h.astype(jnp.float32))
+
+
+def codebook_space(tokenizer: VQGAN, f: jax.Array) -> jax.Array:
+    """Features as the codebook compares them: float32, l2-normalised for ``normalize_codes``."""
+    f = f.astype(jnp.float32)
+    return _l2_normalize(f) if tokenizer.normalize_codes else f
+
+
+def nearest_tokens(tokenizer: VQGAN, tok_params, f_l: jax.Array) -> jax.Array:
+    """Plain VQGAN lookup of LQ features (the "AR module off" restoration): ``-> [B, N]``."""
+    codebook = tok_params["quantizer"]["codebook"].astype(jnp.float32)
+    if tokenizer.normalize_codes:
+        codebook = _l2_normalize(codebook)
+    idx = nearest_code(codebook_space(tokenizer, f_l), codebook)
+    return idx.reshape(idx.shape[0], -1)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from artfr_jax.models.kernels import Kernels
 from artfr_jax.models.layers import Conv
 
 Dtype = Any
@@ -39,6 +40,7 @@ class PatchDiscriminator(nn.Module):
       norm: ``group`` (32 groups, or gcd(32, C) for narrow test models), ``instance`` or ``none``.
       dtype: computation dtype; the logits are returned in float32.
       param_dtype: parameter dtype.
+      kernels: CPU kernels or plain XLA ops for the convolutions (``models/kernels.py``).
 
     Shapes: ``[B, H, W, C]`` (RGB in [-1, 1]) -> logits ``[B, h, w, 1]`` with
     ``h = H / 2**num_layers - 2`` (e.g. 64 -> 6, 256 -> 30, 512 -> 62 for ``num_layers=3``).
@@ -51,6 +53,7 @@ class PatchDiscriminator(nn.Module):
     norm: str = "group"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    kernels: Kernels = Kernels()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -79,6 +82,7 @@ class PatchDiscriminator(nn.Module):
                 kernel_init=init,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
+                kernels=self.kernels,
                 name=f"conv{idx}",
             )
 

@@ -9,17 +9,15 @@ that checkpoint converters are a plain renaming.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from artfr_jax.models import attention as attention_lib
-from artfr_jax.models import conv as conv_lib
+from artfr_jax.models import kernels as kernels_lib
+from artfr_jax.models.kernels import Kernels
 
 Dtype = Any
 Activation = Callable[[jax.Array], jax.Array]
@@ -43,103 +41,8 @@ def get_activation(name: str) -> Activation:
         ) from None
 
 
-def _as_4d(x: jax.Array) -> jax.Array:
-    """``[B, ..., C]`` as float32 ``[B, N1, N2, C]`` with ``N1 * N2`` the positions, ``N1 ~ sqrt``.
-
-    XLA:CPU reduces ``[1, N, C]`` over ``N`` up to 70x slower than the same data as
-    ``[1, N1, N2, C]`` over ``(N1, N2)`` (950 vs 13.5 ms at 512 x 512 x 128); other batch sizes
-    are as fast either way.
-    """
-    b, c = x.shape[0], x.shape[-1]
-    n = x.size // (b * c)
-    n1 = math.isqrt(n)
-    while n % n1:
-        n1 -= 1
-    return x.astype(jnp.float32).reshape(b, n1, n // n1, c)
-
-
-def _sum_positions(x: jax.Array) -> jax.Array:
-    """``[B, N1, N2, C] -> [B, C]``."""
-    return jnp.sum(x, axis=(1, 2))
-
-
-def _per_position(v: jax.Array) -> jax.Array:
-    """``[B, C] -> [B, 1, 1, C]``, to broadcast against ``[B, N1, N2, C]``."""
-    return v[:, None, None, :]
-
-
-def _group_stats(xf: jax.Array, num_groups: int) -> tuple[jax.Array, jax.Array]:
-    """Two-pass per-(sample, group) mean and variance of ``xf [B, N1, N2, C]`` -> ``[B, G]``.
-
-    Each pass reduces over the positions first (a contiguous, vectorised column reduction that
-    XLA fuses with the elementwise producer), then the tiny ``[B, G, C/G]`` remainder; this is
-    3-4x faster on CPU than reducing ``[B, N, G, C/G]`` over axes (1, 3) at once.
-    """
-    b, n1, n2, c = xf.shape
-    cg = c // num_groups
-    count = n1 * n2 * cg
-    mean = _sum_positions(xf).reshape(b, num_groups, cg).sum(-1) / count
-    centred = xf - _per_position(jnp.repeat(mean, cg, axis=1))
-    var = _sum_positions(jnp.square(centred)).reshape(b, num_groups, cg).sum(-1) / count
-    return mean, var
-
-
-def _gn_forward(x, scale, bias, num_groups, epsilon):
-    b, c = x.shape[0], x.shape[-1]
-    cg = c // num_groups
-    xf = _as_4d(x)
-    mean, var = _group_stats(xf, num_groups)
-    inv = jax.lax.rsqrt(var + epsilon)
-    a = (inv[:, :, None] * scale.astype(jnp.float32).reshape(num_groups, cg)).reshape(b, c)
-    shift = bias.astype(jnp.float32) - jnp.repeat(mean, cg, axis=1) * a
-    y = xf * _per_position(a) + _per_position(shift)
-    return y.reshape(x.shape), (mean, inv)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def group_norm(
-    x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int, epsilon: float
-) -> jax.Array:
-    """Group norm of ``x [B, ..., C]`` with affine ``scale, bias [C]``; float32 result.
-
-    The hand-written backward needs one fused reduction pass over ``(dy, x)`` and one elementwise
-    pass, where autodiff of the forward emits several (the backward dominates training on CPU).
-    """
-    return _gn_forward(x, scale, bias, num_groups, epsilon)[0]
-
-
-def _gn_fwd(x, scale, bias, num_groups, epsilon):
-    y, (mean, inv) = _gn_forward(x, scale, bias, num_groups, epsilon)
-    return y, (x, scale, bias, mean, inv)
-
-
-def _gn_bwd(num_groups, epsilon, res, dy):
-    x, scale, bias, mean, inv = res
-    b, c = x.shape[0], x.shape[-1]
-    cg = c // num_groups
-    xf, dyf = _as_4d(x), _as_4d(dy)
-    count = xf.shape[1] * xf.shape[2] * cg
-    gamma = scale.astype(jnp.float32)
-    mc, ic = jnp.repeat(mean, cg, axis=1), jnp.repeat(inv, cg, axis=1)  # [B, C]
-    s_dy = _sum_positions(dyf)
-    s_dyxhat = (_sum_positions(dyf * xf) - mc * s_dy) * ic  # sum_n dy * xhat
-    # With g = gamma * dy: dx = inv * (g - mean_group(g) - xhat * mean_group(g * xhat)).
-    m1 = jnp.repeat((gamma * s_dy).reshape(b, num_groups, cg).sum(-1) / count, cg, axis=1)
-    m2 = jnp.repeat((gamma * s_dyxhat).reshape(b, num_groups, cg).sum(-1) / count, cg, axis=1)
-    k_dy = ic * gamma
-    k_x = ic * ic * m2
-    k_0 = ic * (mc * ic * m2 - m1)
-    dx = _per_position(k_dy) * dyf - _per_position(k_x) * xf + _per_position(k_0)
-    dscale = jnp.sum(s_dyxhat, axis=0).astype(scale.dtype)
-    dbias = jnp.sum(s_dy, axis=0).astype(bias.dtype)
-    return dx.reshape(x.shape).astype(x.dtype), dscale, dbias
-
-
-group_norm.defvjp(_gn_fwd, _gn_bwd)
-
-
 class GroupNorm(nn.Module):
-    """Group normalisation over the channel axis of an NHWC tensor (:func:`group_norm`).
+    """Group normalisation over the channel axis of an NHWC tensor (``kernels.group_norm``).
 
     Statistics are computed in float32 (also for bfloat16 activations), two-pass for accuracy.
 
@@ -154,6 +57,7 @@ class GroupNorm(nn.Module):
     epsilon: float = 1e-6
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    kernels: Kernels = Kernels()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -162,26 +66,41 @@ class GroupNorm(nn.Module):
             raise ValueError(f"GroupNorm: num_groups={self.num_groups} must divide channels {c}")
         scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
-        return group_norm(x, scale, bias, self.num_groups, self.epsilon).astype(self.dtype)
+        y = kernels_lib.group_norm(x, scale, bias, self.num_groups, self.epsilon, self.kernels)
+        return y.astype(self.dtype)
 
 
-def Conv(*args, **kwargs) -> nn.Conv:
-    """``nn.Conv`` whose weight gradient XLA:CPU computes in row bands (``models/conv.py``).
+def Conv(*args, kernels: Kernels = Kernels(), **kwargs) -> nn.Conv:
+    """``nn.Conv`` whose convolution goes through the kernel switch (``models/kernels.py``).
 
-    Same module, parameter names and results as ``nn.Conv``; only the CPU backward pass differs.
+    Same module, parameter names and results as ``nn.Conv``; on the CPU the CPU kernels run it.
     """
-    return nn.Conv(*args, conv_general_dilated=conv_lib.conv_general_dilated, **kwargs)
+    return nn.Conv(*args, conv_general_dilated=kernels_lib.conv_fn(kernels), **kwargs)
 
 
-def _conv(features, kernel, name, dtype, param_dtype, padding="SAME", strides=1, precision=None):
+def _conv(features, kernel, name, module, padding="SAME", strides=1):
+    """A ``kernel x kernel`` conv with ``module``'s dtype, param_dtype, precision and kernels."""
     return Conv(
         features,
         (kernel, kernel),
         strides=(strides, strides),
         padding=padding,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        precision=precision,
+        dtype=module.dtype,
+        param_dtype=module.param_dtype,
+        precision=module.precision,
+        kernels=module.kernels,
+        name=name,
+    )
+
+
+def _norm(module, name):
+    """``module.norm`` with the module's groups, epsilon, dtypes and kernels."""
+    return module.norm(
+        num_groups=module.num_groups,
+        epsilon=module.epsilon,
+        dtype=module.dtype,
+        param_dtype=module.param_dtype,
+        kernels=module.kernels,
         name=name,
     )
 
@@ -204,19 +123,12 @@ class ResnetBlock(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     precision: Any = None
+    kernels: Kernels = Kernels()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        norm = lambda name: self.norm(  # noqa: E731
-            num_groups=self.num_groups,
-            epsilon=self.epsilon,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name=name,
-        )
-        conv = lambda f, k, name: _conv(  # noqa: E731
-            f, k, name, self.dtype, self.param_dtype, precision=self.precision
-        )
+        norm = lambda name: _norm(self, name)  # noqa: E731
+        conv = lambda f, k, name: _conv(f, k, name, self)  # noqa: E731
         h = self.act(norm("norm1")(x))
         h = conv(self.out_channels, 3, "conv1")(h)
         h = self.act(norm("norm2")(h))
@@ -234,7 +146,7 @@ class AttentionBlock(nn.Module):
 
     ``x + out(softmax(q k^T / sqrt(d)) v)`` over the ``H*W`` positions, with ``q, k, v`` linear maps
     of ``norm(x)``. Softmax is computed in float32; on the CPU long sequences take query blocks
-    (``models/attention.py``).
+    (``kernels.spatial_attention``).
 
     Attributes:
       num_heads: attention heads; the VQGAN uses one head of width C.
@@ -250,6 +162,7 @@ class AttentionBlock(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     precision: Any = None
+    kernels: Kernels = Kernels()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -257,13 +170,7 @@ class AttentionBlock(nn.Module):
         if c % self.num_heads:
             raise ValueError(f"AttentionBlock: num_heads={self.num_heads} must divide channels {c}")
         d = c // self.num_heads
-        y = self.norm(
-            num_groups=self.num_groups,
-            epsilon=self.epsilon,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="norm",
-        )(x)
+        y = _norm(self, "norm")(x)
         y = y.reshape(b, h * w, c)
         dense = lambda name: nn.Dense(  # noqa: E731
             c, dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision, name=name
@@ -271,7 +178,7 @@ class AttentionBlock(nn.Module):
         q = dense("q")(y).reshape(b, h * w, self.num_heads, d)
         k = dense("k")(y).reshape(b, h * w, self.num_heads, d)
         v = dense("v")(y).reshape(b, h * w, self.num_heads, d)
-        o = attention_lib.dot_product_attention(q, k, v, precision=self.precision)
+        o = kernels_lib.spatial_attention(q, k, v, self.kernels, precision=self.precision)
         o = dense("out")(o.reshape(b, h * w, c)).reshape(b, h, w, c)
         out = x.astype(o.dtype) + o
         if self.rescale_output_factor != 1.0:
@@ -293,20 +200,20 @@ class Downsample(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     precision: Any = None
+    kernels: Kernels = Kernels()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         f = self.out_channels or x.shape[-1]
         pad = ((0, 1), (0, 1)) if self.asymmetric_padding else ((1, 1), (1, 1))
-        conv = _conv(f, 3, "conv", self.dtype, self.param_dtype, pad, 2, self.precision)
-        return conv(x)
+        return _conv(f, 3, "conv", self, pad, 2)(x)
 
 
 class Upsample(nn.Module):
     """Nearest-neighbour x2 upsampling followed by a 3x3 conv (``upsample/conv`` params).
 
-    Computed as four 2x2 phase convolutions of the input (``conv.upsample2x_conv``): the same
-    result with 4/9 of the multiply-adds and no upsampled copy of the input.
+    On the CPU computed as four 2x2 phase convolutions of the input (``kernels.upsample2x_conv``):
+    the same result with 4/9 of the multiply-adds and no upsampled copy of the input.
     Shapes: ``[B, H, W, C] -> [B, 2H, 2W, out_channels or C]``.
     """
 
@@ -314,6 +221,7 @@ class Upsample(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     precision: Any = None
+    kernels: Kernels = Kernels()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -325,7 +233,7 @@ class Upsample(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             precision=self.precision,
-            conv_general_dilated=conv_lib.upsample2x_conv,
+            conv_general_dilated=kernels_lib.upsample_conv_fn(self.kernels),
             name="conv",
         )
         return conv(x)
@@ -358,10 +266,16 @@ class LevelBlock(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     precision: Any = None
+    kernels: Kernels = Kernels()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        common = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+        common = dict(
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            precision=self.precision,
+            kernels=self.kernels,
+        )
         norm_kw = dict(num_groups=self.num_groups, epsilon=self.epsilon, norm=self.norm)
         block = _maybe_remat(ResnetBlock, self.remat)
         for i in range(self.num_layers):
@@ -396,10 +310,16 @@ class MidBlock(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     precision: Any = None
+    kernels: Kernels = Kernels()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        common = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+        common = dict(
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            precision=self.precision,
+            kernels=self.kernels,
+        )
         norm_kw = dict(num_groups=self.num_groups, epsilon=self.epsilon, norm=self.norm)
         block = _maybe_remat(ResnetBlock, self.remat)
         c = x.shape[-1]

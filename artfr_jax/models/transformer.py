@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from artfr_jax.models import kernels as kernels_lib
+
 Dtype = Any
 CONDITION_MODES = ("prefix", "concat", "cross_attention")
 
@@ -51,8 +53,8 @@ class Attention(nn.Module):
             name=name,
         )
         q, k, v = proj("query")(x), proj("key")(context), proj("value")(context)
-        # Picks cuDNN flash attention on GPU where it applies, the XLA reference elsewhere.
-        out = jax.nn.dot_product_attention(q, k, v)
+        # cuDNN's fused attention where the program is lowered for a GPU in bfloat16, else XLA's.
+        out = kernels_lib.dot_product_attention(q, k, v)
         return nn.DenseGeneral(
             width,
             axis=(-2, -1),

@@ -41,6 +41,7 @@ import numpy as np
 from flax import linen as nn
 
 from artfr_jax.models.deform_conv import deform_conv2d
+from artfr_jax.models.kernels import Kernels
 from artfr_jax.models.layers import Conv, GroupNorm
 from artfr_jax.models.vqgan import code_usage_stats, nearest_code
 
@@ -143,13 +144,19 @@ def _conv(features, k, name, module, *, groups=1) -> nn.Conv:
         dtype=module.dtype,
         param_dtype=module.param_dtype,
         precision=module.precision,
+        kernels=module.kernels,
         name=name,
     )
 
 
 def _norm(name, module) -> GroupNorm:
     return GroupNorm(
-        module.norm_groups, module.norm_eps, module.dtype, module.param_dtype, name=name
+        module.norm_groups,
+        module.norm_eps,
+        module.dtype,
+        module.param_dtype,
+        kernels=module.kernels,
+        name=name,
     )
 
 
@@ -166,6 +173,7 @@ class ResnetBlock(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     precision: PrecisionLike = None
+    kernels: Kernels = Kernels()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -184,15 +192,10 @@ def _block_cls(module) -> type[ResnetBlock]:
     return nn.remat(ResnetBlock) if module.remat else ResnetBlock
 
 
-class VQFREncoder(nn.Module):
-    """Encoder E (Sec. 3.1; release ``VQGANEncoder``) with its output head.
-
-    ``conv_in``; then per level ``i``: bilinear shrink by ``resolution_scale_rates[i]`` followed
-    by a 3x3 conv (``Level_{2^i}_downsample``, absent when the rate is 1) and
-    ``num_blocks`` residual blocks; after the last level GN -> SiLU -> 3x3 conv
-    (``Level_{2^L}_convout_norm``, ``_convout_conv``); blocks are ``Level_{2^i}_block_{j}``.
-    ``[B, H, W, 3] -> [B, H / prod(rates), W / prod(rates), C_L]``, ``C_i = base * mult[i]``.
-    """
+class _Levels(nn.Module):
+    """Fields shared by :class:`VQFREncoder` and :class:`VQFRDecoder`: the level widths
+    ``C_i = base_channels * channel_multipliers[i]``, the resolution change per level, residual
+    blocks per level and the layers' settings."""
 
     base_channels: int = 128
     channel_multipliers: tuple[int, ...] = (1, 1, 2, 2, 2, 4)
@@ -204,44 +207,65 @@ class VQFREncoder(nn.Module):
     param_dtype: Dtype = jnp.float32
     precision: PrecisionLike = None
     remat: bool = False
+    kernels: Kernels = Kernels()
 
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        chans = _check_levels(
-            "VQFREncoder",
+    def _channels(self) -> tuple[int, ...]:
+        return _check_levels(
+            type(self).__name__,
             self.base_channels,
             self.channel_multipliers,
             self.resolution_scale_rates,
             self.norm_groups,
         )
+
+    def _blocks(self, x: jax.Array, level: int, channels: int) -> jax.Array:
+        """The level's ``num_blocks`` residual blocks ``Level_{2^i}_block_{j}``; a level without a
+        resampling conv (rate 1) cannot change the width."""
+        if x.shape[-1] != channels:
+            raise ValueError(
+                f"{type(self).__name__}: level {level} has rate 1 so it has no conv to change the "
+                f"width {x.shape[-1]} -> {channels}; use equal multipliers there"
+            )
+        for j in range(self.num_blocks):
+            x = _block_cls(self)(
+                channels,
+                self.norm_groups,
+                self.norm_eps,
+                self.dtype,
+                self.param_dtype,
+                self.precision,
+                self.kernels,
+                name=f"{level_name(level)}_block_{j}",
+            )(x)
+        return x
+
+
+class VQFREncoder(_Levels):
+    """Encoder E (Sec. 3.1; release ``VQGANEncoder``) with its output head.
+
+    ``conv_in``; then per level ``i``: bilinear shrink by ``resolution_scale_rates[i]`` followed
+    by a 3x3 conv (``Level_{2^i}_downsample``, absent when the rate is 1) and
+    ``num_blocks`` residual blocks; after the last level GN -> SiLU -> 3x3 conv
+    (``Level_{2^L}_convout_norm``, ``_convout_conv``); blocks are ``Level_{2^i}_block_{j}``.
+    ``[B, H, W, 3] -> [B, H / prod(rates), W / prod(rates), C_L]``, ``C_i = base * mult[i]``.
+    """
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        chans = self._channels()
         x = _conv(chans[0], 3, "conv_in", self)(x.astype(self.dtype))
         for i, (c, rate) in enumerate(zip(chans, self.resolution_scale_rates, strict=True)):
-            lvl = level_name(i)
             if rate != 1:
                 b, h, w, _ = x.shape
                 x = resize_bilinear(x, (h // rate, w // rate))
-                x = _conv(c, 3, f"{lvl}_downsample", self)(x)
-            elif x.shape[-1] != c:
-                raise ValueError(
-                    f"VQFREncoder: level {i} keeps the resolution (rate 1) so it has no conv to "
-                    f"change the width {x.shape[-1]} -> {c}; use equal multipliers there"
-                )
-            for j in range(self.num_blocks):
-                x = _block_cls(self)(
-                    c,
-                    self.norm_groups,
-                    self.norm_eps,
-                    self.dtype,
-                    self.param_dtype,
-                    self.precision,
-                    name=f"{lvl}_block_{j}",
-                )(x)
+                x = _conv(c, 3, f"{level_name(i)}_downsample", self)(x)
+            x = self._blocks(x, i, c)
         lvl = level_name(len(chans) - 1)
         x = nn.swish(_norm(f"{lvl}_convout_norm", self)(x))
         return _conv(chans[-1], 3, f"{lvl}_convout_conv", self)(x)
 
 
-class VQFRDecoder(nn.Module):
+class VQFRDecoder(_Levels):
     """Decoder G (Sec. 3.1) / texture branch G_t of the parallel decoder (Sec. 3.2).
 
     Release ``VQGANDecoder``. From the last level down to level 0: upsample (3x3 conv, then
@@ -253,51 +277,22 @@ class VQFRDecoder(nn.Module):
     ``F^t = (F^t_0, ..., F^t_L)`` (level 0 first), ``F^t_i [B, H_i, W_i, C_i]``.
     """
 
-    base_channels: int = 128
-    channel_multipliers: tuple[int, ...] = (1, 1, 2, 2, 2, 4)
-    resolution_scale_rates: tuple[int, ...] = (1, 2, 2, 2, 2, 2)
     num_blocks: int = 3
-    norm_groups: int = 32
-    norm_eps: float = 1e-6
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    precision: PrecisionLike = None
-    remat: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, return_features: bool = False):
-        chans = _check_levels(
-            "VQFRDecoder",
-            self.base_channels,
-            self.channel_multipliers,
-            self.resolution_scale_rates,
-            self.norm_groups,
-        )
+        chans = self._channels()
         rates = tuple(self.resolution_scale_rates)[::-1]
         n = len(chans)
         feats: list[jax.Array] = [None] * n  # type: ignore[list-item]
         x = x.astype(self.dtype)
         for i in range(n - 1, -1, -1):
-            lvl, c, rate = level_name(i), chans[i], rates[i]
+            c, rate = chans[i], rates[i]
             if rate != 1:
                 b, h, w, _ = x.shape
-                x = _conv(c, 3, f"{lvl}_upsample", self)(x)
+                x = _conv(c, 3, f"{level_name(i)}_upsample", self)(x)
                 x = resize_bilinear(x, (h * rate, w * rate))
-            elif x.shape[-1] != c:
-                raise ValueError(
-                    f"VQFRDecoder: level {i} has rate 1 so it has no conv to change the width "
-                    f"{x.shape[-1]} -> {c}; use equal multipliers there"
-                )
-            for j in range(self.num_blocks):
-                x = _block_cls(self)(
-                    c,
-                    self.norm_groups,
-                    self.norm_eps,
-                    self.dtype,
-                    self.param_dtype,
-                    self.precision,
-                    name=f"{lvl}_block_{j}",
-                )(x)
+            x = self._blocks(x, i, c)
             feats[i] = x
         img = _conv(3, 3, "conv_out", self)(nn.swish(_norm("norm_out", self)(x)))
         return (img, tuple(feats)) if return_features else img
@@ -321,6 +316,7 @@ class VQQuantizer(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     precision: PrecisionLike = None
+    kernels: Kernels = Kernels()
 
     def setup(self):
         k = self.num_embeddings
@@ -329,6 +325,7 @@ class VQQuantizer(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             precision=self.precision,
+            kernels=self.kernels,
         )
         self.quant_conv = Conv(self.embedding_dim, (1, 1), **common)
         self.post_quant_conv = Conv(self.in_dim, (1, 1), **common)
@@ -408,6 +405,7 @@ def _level_fields(m) -> dict[str, Any]:
         param_dtype=m.param_dtype,
         precision=m.precision,
         remat=m.remat,
+        kernels=m.kernels,
     )
 
 
@@ -449,6 +447,7 @@ class VQGANv1(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     precision: PrecisionLike = None
+    kernels: Kernels = Kernels()
     remat: bool = False
 
     def setup(self):
@@ -462,6 +461,7 @@ class VQGANv1(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             precision=self.precision,
+            kernels=self.kernels,
         )
         self.decoder = VQFRDecoder(num_blocks=self.decoder_num_blocks, **fields)
 
@@ -479,8 +479,9 @@ class VQGANv1(nn.Module):
         return self.quantizer.quantize(z, skip_quantization)
 
     def decode(self, zq: jax.Array) -> jax.Array:
-        """Eq. 2: ``z_q [B, h, w, embedding_dim] -> [B, H, W, 3]`` (post_quant_conv + decoder)."""
-        return self.decoder(self.quantizer.post(zq))
+        """Eq. 2: ``z_q [B, h, w, embedding_dim] -> [B, H, W, 3]`` (post_quant_conv + decoder), in
+        float32."""
+        return self.decoder(self.quantizer.post(zq)).astype(jnp.float32)
 
     def lookup(self, indices: jax.Array) -> jax.Array:
         """``[B, h, w]`` int -> codes ``[B, h, w, embedding_dim]``."""
@@ -516,6 +517,7 @@ class DCNv2Pack(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     precision: PrecisionLike = None
+    kernels: Kernels = Kernels()
 
     @nn.compact
     def __call__(self, x: jax.Array, feat: jax.Array) -> jax.Array:
@@ -567,6 +569,7 @@ class TextureWarpingModule(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     precision: PrecisionLike = None
+    kernels: Kernels = Kernels()
 
     @nn.compact
     def __call__(
@@ -590,7 +593,13 @@ class TextureWarpingModule(nn.Module):
             off = jnp.concatenate([off, previous_offset.astype(off.dtype)], axis=-1)
         off = nn.swish(_norm("offset_fuse_norm", self)(_conv(c, 3, "offset_fuse", self)(off)))
         warped = DCNv2Pack(
-            c, self.deformable_groups, self.dtype, self.param_dtype, self.precision, name="dcn"
+            c,
+            self.deformable_groups,
+            self.dtype,
+            self.param_dtype,
+            self.precision,
+            self.kernels,
+            name="dcn",
         )(x, off)
         return warped, off
 
@@ -614,6 +623,7 @@ class MainDecoder(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     precision: PrecisionLike = None
+    kernels: Kernels = Kernels()
     remat: bool = False
 
     @nn.compact
@@ -632,6 +642,7 @@ class MainDecoder(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             precision=self.precision,
+            kernels=self.kernels,
         )
 
         twm_cls = nn.remat(TextureWarpingModule) if self.remat else TextureWarpingModule
@@ -689,6 +700,7 @@ class VQFRv1(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     precision: PrecisionLike = None
+    kernels: Kernels = Kernels()
     remat: bool = False
 
     def setup(self):
@@ -710,6 +722,7 @@ class VQFRv1(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             precision=self.precision,
+            kernels=self.kernels,
         )
         self.decoder = VQFRDecoder(num_blocks=self.decoder_num_blocks, **fields)
         self.main_decoder = MainDecoder(
@@ -722,6 +735,7 @@ class VQFRv1(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             precision=self.precision,
+            kernels=self.kernels,
         )
 
     @property
@@ -759,7 +773,8 @@ class VQFRv1(nn.Module):
         zq, indices, aux = self.quantize(z)
         texture, feats = self.decode_texture(zq)
         main = self.decode_main(feats, x_lq)
-        return main, texture, {**aux, "z": z, "zq": zq, "indices": indices}
+        images = main.astype(jnp.float32), texture.astype(jnp.float32)
+        return *images, {**aux, "z": z, "zq": zq, "indices": indices}
 
 
 def vqfr_params_from_vqgan(vqfr_params: dict, vqgan_params: dict) -> dict:

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from artfr_jax.models.kernels import Kernels
 from artfr_jax.models.layers import Conv, GroupNorm, LevelBlock, MidBlock, get_activation
 
 Dtype = Any
@@ -136,11 +137,17 @@ class Encoder(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     precision: Any = None
+    kernels: Kernels = Kernels()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         act = get_activation(self.act_fn)
-        common = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+        common = dict(
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            precision=self.precision,
+            kernels=self.kernels,
+        )
         blk = dict(
             num_groups=self.norm_num_groups, epsilon=self.norm_eps, act=act, remat=self.remat
         )
@@ -162,6 +169,7 @@ class Encoder(nn.Module):
             self.norm_eps,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            kernels=self.kernels,
             name="norm_out",
         )(x)
         x = Conv(self.out_channels, (3, 3), padding="SAME", name="conv_out", **common)(act(x))
@@ -189,11 +197,17 @@ class Decoder(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     precision: Any = None
+    kernels: Kernels = Kernels()
 
     @nn.compact
     def __call__(self, z: jax.Array) -> jax.Array:
         act = get_activation(self.act_fn)
-        common = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+        common = dict(
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            precision=self.precision,
+            kernels=self.kernels,
+        )
         blk = dict(
             num_groups=self.norm_num_groups, epsilon=self.norm_eps, act=act, remat=self.remat
         )
@@ -216,6 +230,7 @@ class Decoder(nn.Module):
             self.norm_eps,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            kernels=self.kernels,
             name="norm_out",
         )(x)
         x = Conv(self.out_channels, (3, 3), padding="SAME", name="conv_out", **common)(act(x))
@@ -240,8 +255,11 @@ class VQGAN(nn.Module):
       beta: commitment weight of Eq. 3.
       normalize_codes: l2-normalised code lookup (see ``VectorQuantizer``); off in the paper model.
       remat: rematerialise residual blocks in the backward pass (activation memory for one extra
-        forward pass; on CPU only in steps compiled by ``train.loop.jit_train_step``).
+        forward pass; on CPU only in steps compiled with ``kernels.compiler_options``).
+      dtype, param_dtype: compute and parameter dtypes (norm statistics, the VQ distances and the
+        losses stay float32; images leave :meth:`decode` in float32).
       precision: matmul/conv precision for every layer (``None`` = JAX default).
+      kernels: CPU kernels or plain XLA ops (``models/kernels.py``).
 
     ``__call__(x [B, H, W, in_channels] in [-1, 1]) -> (recon [B, H, W, out_channels], aux)`` with
     ``aux`` = ``vq_loss``, ``codebook_loss``, ``commit_loss``, ``perplexity``, ``usage`` (float32
@@ -268,6 +286,7 @@ class VQGAN(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat: bool = False
     precision: Any = None
+    kernels: Kernels = Kernels()
 
     def setup(self):
         for c in self.block_out_channels:
@@ -276,7 +295,12 @@ class VQGAN(nn.Module):
                     f"VQGAN: norm_num_groups={self.norm_num_groups} must divide every entry of "
                     f"block_out_channels={self.block_out_channels}"
                 )
-        common = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+        common = dict(
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            precision=self.precision,
+            kernels=self.kernels,
+        )
         arch = dict(
             block_out_channels=tuple(self.block_out_channels),
             mid_attention=self.mid_attention,
@@ -334,8 +358,8 @@ class VQGAN(nn.Module):
         return self.quantizer(z)
 
     def decode(self, zq: jax.Array) -> jax.Array:
-        """Eq. 2: ``[B, h, w, embedding_dim] -> [B, H, W, out_channels]``."""
-        return self.decoder(self.post_quant_conv(zq))
+        """Eq. 2: ``[B, h, w, embedding_dim] -> [B, H, W, out_channels]`` in float32."""
+        return self.decoder(self.post_quant_conv(zq)).astype(jnp.float32)
 
     def lookup(self, indices: jax.Array) -> jax.Array:
         """Codebook rows: ``[B, h, w]`` int -> ``[B, h, w, embedding_dim]``."""

@@ -9,7 +9,7 @@ the masked token transformer ``A``, with
 where ``ceil(gamma(r) N)`` of the N HQ tokens are replaced by [MASK], ``r ~ U(0, 1)``. Both losses
 are means (over feature elements, over masked tokens) so that their scale does not depend on N.
 
-If ``config.stage1.train_if_missing`` is set, stage I is trained (or finished) first in
+With ``config.stage1.train_if_missing`` the main command trains (or finishes) stage I first in
 ``<workdir>/stage1`` with ``config.stage1.config``; this is how the demo runs both stages.
 """
 
@@ -26,57 +26,23 @@ import ml_collections
 import numpy as np
 import optax
 
-from artfr_jax import data as data_lib
+from artfr_jax import inference
+from artfr_jax.data import pipeline
 from artfr_jax.evaluation import metrics as metrics_lib
-from artfr_jax.models.artfr import ARTFR
-from artfr_jax.models.transformer import MaskedTokenTransformer
-from artfr_jax.models.vqgan import VQGAN, _l2_normalize, nearest_code
-from artfr_jax.sampling import mask_schedule, maskgit
-from artfr_jax.train import checkpoint as ckpt_lib
-from artfr_jax.train import loop, stage1, vqgan_trainer
+from artfr_jax.models import factory
+from artfr_jax.models.artfr import codebook_space, hq_targets, nearest_tokens
+from artfr_jax.sampling import artfr as artfr_sampling
+from artfr_jax.sampling import mask_schedule
+from artfr_jax.train import loop, optimizers, perceptual, stage1
 from artfr_jax.train import state as state_lib
+from artfr_jax.utils import console
 from artfr_jax.utils import images as image_utils
-
-# ----------------------------------------------------------------------------------- models
-
-
-def make_model(config: ml_collections.ConfigDict, tokenizer: VQGAN) -> ARTFR:
-    m = config.model
-    tokens = (config.data.image_size // tokenizer.downsample_factor) ** 2
-    transformer = None
-    if m.use_transformer:
-        transformer = MaskedTokenTransformer(
-            num_embeddings=tokenizer.num_embeddings,
-            num_tokens=tokens,
-            num_condition_tokens=tokens,
-            width=m.width,
-            depth=m.depth,
-            num_heads=m.num_heads,
-            mlp_dim=m.mlp_dim,
-            condition_mode=m.condition_mode,
-            long_skips=m.long_skips,
-            dropout_rate=m.dropout_rate,
-            remat=m.remat,
-            dtype=compute_dtype(m.dtype),
-        )
-    encoder = tokenizer.clone(remat=m.remat, dtype=compute_dtype(m.dtype))
-    return ARTFR(lq_encoder=encoder, transformer=transformer)
-
-
-def compute_dtype(name: str):
-    """``config.model.dtype``: activations and matmuls in 'float32' or 'bfloat16' (params and
-    optimizer state stay float32; logits and losses are computed in float32)."""
-    if name not in ("float32", "bfloat16"):
-        raise ValueError(f"config.model.dtype={name!r}: expected 'float32' or 'bfloat16'")
-    return jnp.dtype(name)
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """Adam with a cosine decay from 2e-4 to 2e-5 over the run (Sec. 4.1)."""
     opt = config.optimizer
-    lr = vqgan_trainer.learning_rate_schedule(opt, opt.learning_rate, config.num_train_steps)
-    chain = [optax.clip_by_global_norm(opt.grad_clip)] if opt.grad_clip else []
-    return optax.chain(*chain, optax.adam(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps))
+    return optimizers.adam(opt, opt.learning_rate, config.num_train_steps)
 
 
 def init_state(rng, mesh, *, config, art, tx, stage1_params, init_params=None):
@@ -112,32 +78,10 @@ def init_state(rng, mesh, *, config, art, tx, stage1_params, init_params=None):
 # ------------------------------------------------------------------------------ train / eval
 
 
-def hq_targets(tokenizer: VQGAN, tok_params, hq: jax.Array):
-    """Frozen ``E_h`` + ``Q``: ``hq [B, H, W, 3] -> (tokens [B, N], f_h quantised [B, h, w, C])``."""
-    z = tokenizer.apply({"params": tok_params}, hq, method=VQGAN.encode)
-    _, idx, _ = tokenizer.apply({"params": tok_params}, z, method=VQGAN.quantize)
-    f_h = tokenizer.apply({"params": tok_params}, idx, method=VQGAN.lookup)
-    return idx.reshape(idx.shape[0], -1), jax.lax.stop_gradient(f_h.astype(jnp.float32))
-
-
-def _codebook_space(tokenizer: VQGAN, f: jax.Array) -> jax.Array:
-    f = f.astype(jnp.float32)
-    return _l2_normalize(f) if tokenizer.normalize_codes else f
-
-
-def nearest_tokens(tokenizer: VQGAN, tok_params, f_l: jax.Array) -> jax.Array:
-    """Plain VQGAN lookup of LQ features (the "AR module off" restoration): ``-> [B, N]``."""
-    codebook = tok_params["quantizer"]["codebook"].astype(jnp.float32)
-    if tokenizer.normalize_codes:
-        codebook = _l2_normalize(codebook)
-    idx = nearest_code(_codebook_space(tokenizer, f_l), codebook)
-    return idx.reshape(idx.shape[0], -1)
-
-
 def train_step(state, batch, rng, frozen, *, config, art, tokenizer, tx):
     """One update of ``E_l``, projector and transformer. batch: uint8 'hq', 'lq' ``[B, H, W, 3]``."""
-    hq = loop.to_float_image(batch["hq"])
-    lq = loop.to_float_image(batch["lq"])
+    hq = image_utils.to_float_image(batch["hq"])
+    lq = image_utils.to_float_image(batch["lq"])
     targets, f_h = hq_targets(tokenizer, frozen["tokenizer"], hq)
     b, n = targets.shape
     mask_rng, dropout_rng = jax.random.split(rng)
@@ -154,7 +98,7 @@ def train_step(state, batch, rng, frozen, *, config, art, tokenizer, tx):
         logits, f_l = art.apply(
             {"params": params}, lq, tokens, train=True, rngs={"dropout": dropout_rng}
         )
-        feat = jnp.mean(jnp.square(_codebook_space(tokenizer, f_l) - f_h))
+        feat = jnp.mean(jnp.square(codebook_space(tokenizer, f_l) - f_h))
         terms = {"feat_loss": feat}
         loss = lc.feature_weight * feat
         if use_ar:
@@ -187,57 +131,20 @@ def train_step(state, batch, rng, frozen, *, config, art, tokenizer, tx):
     return new_state, metrics
 
 
-def restore_tokens(art_params, tok_params, lq, rng, *, art, tokenizer, sampling):
-    """Sec. 3.3: ``lq [B, H, W, 3]`` in [-1, 1] -> (tokens [B, N], f_l). Pure; jit it whole.
-
-    With the AR module: T-step MaskGIT decoding conditioned on ``f_l``; without: nearest code.
-    """
-    f_l = art.apply({"params": art_params}, lq, method=ARTFR.encode_condition)
-    if art.transformer is None:
-        return nearest_tokens(tokenizer, tok_params, f_l), f_l
-    logits_fn = lambda t: art.apply({"params": art_params}, t, f_l, method=ARTFR.token_logits)
-    tokens = maskgit.decode(
-        logits_fn,
-        rng,
-        batch_size=lq.shape[0],
-        seq_len=art.transformer.num_tokens,
-        mask_token_id=art.transformer.mask_token_id,
-        num_steps=sampling.steps,
-        temperature=sampling.temperature,
-        choice_temperature=sampling.choice_temperature,
-        schedule_kind=sampling.schedule,
-    )
-    return tokens, f_l
-
-
-def decode_tokens(tok_params, tokens, *, tokenizer):
-    """Frozen codebook lookup + HQ decoder: ``tokens [B, N] -> image [B, H, W, 3]`` in [-1, 1]."""
-    side = int(round(tokens.shape[1] ** 0.5))
-    idx = tokens.reshape(tokens.shape[0], side, side)
-    return tokenizer.apply({"params": tok_params}, idx, method=VQGAN.decode_indices)
-
-
-def restore_images(art_params, tok_params, lq, rng, *, art, tokenizer, sampling):
-    """The whole restoration: ``lq [B, H, W, 3]`` in [-1, 1] -> restored, tokens."""
-    tokens, _ = restore_tokens(
-        art_params, tok_params, lq, rng, art=art, tokenizer=tokenizer, sampling=sampling
-    )
-    return decode_tokens(tok_params, tokens, tokenizer=tokenizer), tokens
-
-
-def eval_step(state, batch, frozen, *, config, art, tokenizer):
+def eval_step(state, batch, rng, frozen, *, config, art, tokenizer):
     """Restores the held-out LQ faces; PSNR/SSIM (and LPIPS when its weights are loaded) of input
     and output against HQ, token accuracy of the decoded tokens and of the plain lookup.
     Rows: LQ | restored | HQ."""
     params = state.ema_params["art"] if state.ema_params is not None else state.params["art"]
     tok = frozen["tokenizer"]
-    hq = loop.to_float_image(batch["hq"])
-    lq = loop.to_float_image(batch["lq"])
+    hq = image_utils.to_float_image(batch["hq"])
+    lq = image_utils.to_float_image(batch["lq"])
     targets, _ = hq_targets(tokenizer, tok, hq)
-    tokens, f_l = restore_tokens(
-        params, tok, lq, jax.random.key(0), art=art, tokenizer=tokenizer, sampling=config.sampling
+    tokens, f_l = artfr_sampling.restore_tokens(
+        params, tok, lq, rng, art=art, tokenizer=tokenizer, sampling=config.sampling
     )
-    restored = loop.to_uint8_image(decode_tokens(tok, tokens, tokenizer=tokenizer))
+    restored = artfr_sampling.decode_tokens(tok, tokens, tokenizer=tokenizer)
+    restored = image_utils.to_uint8_image(restored)
     x255 = batch["hq"].astype(jnp.float32)
     per_image = {
         "psnr": metrics_lib.psnr(restored.astype(jnp.float32), x255),
@@ -247,7 +154,7 @@ def eval_step(state, batch, frozen, *, config, art, tokenizer):
         "lookup_acc": jnp.mean(
             (nearest_tokens(tokenizer, tok, f_l) == targets).astype(jnp.float32), axis=1
         ),
-        **loop.eval_lpips(frozen, restored, batch["hq"]),
+        **perceptual.eval_lpips(frozen, restored, batch["hq"]),
     }
     mask = batch["mask"]
     sums = {k: jnp.sum(v * mask) for k, v in per_image.items()}
@@ -257,13 +164,14 @@ def eval_step(state, batch, frozen, *, config, art, tokenizer):
 
 
 def make_stage(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
-    s1 = stage1.ensure_stage1(config, workdir)
-    tokenizer, tok_params = stage1.load_stage1(config, s1)
-    art = make_model(config, tokenizer)
+    tokenizer, tok_params = stage1.load_stage1(config, workdir)
+    art = factory.art(config, tokenizer)
     tx = make_optimizer(config)
     init_params = None
     if config.init_from:
-        init_params = load_art_params(config.init_from, art, config.data.image_size)
+        init_params = inference.load_art_params(
+            config.init_from, art, config.data.image_size, "config.init_from"
+        )
     return loop.Stage(
         name="art",
         init_state=functools.partial(
@@ -279,37 +187,16 @@ def make_stage(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
         ),
         eval_step=functools.partial(eval_step, config=config, art=art, tokenizer=tokenizer),
         **loop.stage_data(config),
-        frozen={"tokenizer": tok_params, **loop.eval_lpips_params(config, {})},
+        frozen={"tokenizer": tok_params, **perceptual.eval_lpips_params(config, {})},
     )
-
-
-def abstract_art_params(art: ARTFR, image_size: int):
-    n = art.transformer.num_tokens if art.transformer is not None else 1
-    x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-    tokens = jnp.zeros((1, n), jnp.int32)
-    return jax.eval_shape(lambda: art.init(jax.random.key(0), x, tokens)["params"])
-
-
-def load_art_params(workdir: str, art: ARTFR, image_size: int) -> dict:
-    """Stage-II params (EMA if kept) from the latest checkpoint of a stage-II workdir."""
-    ckdir, _, key = stage1.saved_config(workdir, "art", "stage-II workdir")
-    target = {key: {"art": abstract_art_params(art, image_size)}}
-    try:
-        return ckpt_lib.restore_subtree(ckdir, target)[key]["art"]
-    except (ValueError, KeyError) as e:
-        raise ValueError(
-            f"{workdir}: its stage-II parameters do not fit this model config ({e})"
-        ) from None
 
 
 def final_restoration(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Restores ``final_restore.num_images`` held-out degraded faces with the trained model (the
     same path as ``python -m artfr_jax.restore``), writes them to ``samples/restored/`` with a
     grid LQ | restored | HQ, and reports PSNR of input and output against HQ."""
-    from artfr_jax import inference  # noqa: PLC0415  (inference imports this module)
-
     restorer = inference.load_restorer(workdir)
-    batches = data_lib.make_eval_batches(
+    batches = pipeline.make_eval_batches(
         config.data,
         num_images=config.final_restore.num_images,
         batch_size=config.eval.batch_size,
@@ -338,11 +225,13 @@ def final_restoration(config: ml_collections.ConfigDict, workdir: str) -> dict:
     }
     with open(os.path.join(workdir, "samples", "restored_summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    print(
-        f"Restored {summary['num_images']} held-out faces into {out_dir}: PSNR of the degraded "
-        f"input {summary['psnr_input']:.2f} dB -> restored {summary['psnr_restored']:.2f} dB "
-        f"(grid LQ | restored | HQ: samples/restored_grid.png)",
-        flush=True,
+    console.say(
+        "Restored %d held-out faces into %s: PSNR of the degraded input %.2f dB -> restored "
+        "%.2f dB (grid LQ | restored | HQ: samples/restored_grid.png)",
+        summary["num_images"],
+        out_dir,
+        summary["psnr_input"],
+        summary["psnr_restored"],
     )
     return summary
 

@@ -2,6 +2,7 @@
 
 Layout: ``WORKDIR/checkpoints/<step>/{state,data,config}``. Restoring reads the state straight into
 its shardings, and the grain iterator continues with exactly the records it would have produced.
+Reading a workdir without training code (its latest step, config, parameters): ``artfr_jax.workdirs``.
 """
 
 from __future__ import annotations
@@ -11,16 +12,12 @@ import os
 from typing import Any
 
 import grain
-import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
+from artfr_jax import workdirs
 from artfr_jax.train import state as state_lib
-
-
-def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
 def make_manager(
@@ -32,7 +29,7 @@ def make_manager(
         enable_async_checkpointing=async_save,
     )
     return ocp.CheckpointManager(
-        checkpoint_dir(workdir), options=options, item_names=("state", "data", "config")
+        workdirs.checkpoint_dir(workdir), options=options, item_names=workdirs.ITEMS
     )
 
 
@@ -107,48 +104,3 @@ def _restore_data(manager: ocp.CheckpointManager, step: int, data_iterator: Any)
             f"{_saved_worker_count(directory)} - resume with the data settings (num_workers, "
             "source, batch size, process count) the run started with"
         ) from None
-
-
-def restore_state_only(directory: str, state_target: Any, step: int | None = None) -> Any:
-    """Reads only the train state of a checkpoint directory (e.g. a frozen stage-I model)."""
-    manager = ocp.CheckpointManager(directory, item_names=("state", "data", "config"))
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"{directory}: no checkpoint found")
-    restored = manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(state_target))
-    )
-    return restored["state"]
-
-
-def restore_subtree(directory: str, target: Any, step: int | None = None) -> Any:
-    """Reads only the leaves of the saved train state named by ``target`` (a pytree of
-    ``ShapeDtypeStruct`` shaped like a part of the state, e.g. ``{'params': {'generator': ...}}``)
-    onto the default device; the rest of the checkpoint (optimizer state, other models) is not read.
-    """
-    manager = ocp.CheckpointManager(directory, item_names=("state", "data", "config"))
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"{directory}: no checkpoint found")
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), target)
-    args = ocp.args.PyTreeRestore(target, restore_args=restore_args, partial_restore=True)
-    restored = manager.restore(step, args=ocp.args.Composite(state=args))
-    return restored["state"]
-
-
-def latest_step(directory: str) -> int | None:
-    """The newest checkpoint step under ``directory`` (``WORKDIR/checkpoints``), or None."""
-    if not os.path.isdir(directory):
-        return None
-    return ocp.CheckpointManager(directory, item_names=("state", "data", "config")).latest_step()
-
-
-def read_config(directory: str, step: int | None = None) -> dict:
-    """The config saved with a checkpoint, as a plain dict."""
-    manager = ocp.CheckpointManager(directory, item_names=("state", "data", "config"))
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"{directory}: no checkpoint found")
-    restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-    return dict(restored["config"])

@@ -4,6 +4,9 @@ A trainer module describes its stage with a :class:`Stage` (how to build the sta
 an eval step, its data) and calls :func:`train_and_evaluate`. The loop owns everything else: mesh,
 jit with shardings and donation, checkpoint/resume (state + data iterator + config), SIGTERM,
 non-finite checks, metric writers, progress, periodic eval with image grids.
+
+Randomness: one root key from ``config.seed``, split into the init key, the train key (folded with
+the step number at every step) and the eval key (the same at every eval, so evals compare).
 """
 
 from __future__ import annotations
@@ -11,20 +14,24 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 from clu import parameter_overview, periodic_actions
+from tqdm import tqdm
 
+from artfr_jax import workdirs
+from artfr_jax.models import kernels as kernels_lib
 from artfr_jax.train import checkpoint as ckpt_lib
 from artfr_jax.train import sharding as sharding_lib
 from artfr_jax.train import writers as writers_lib
+from artfr_jax.utils import console
 from artfr_jax.utils import images as image_utils
 
 PyTree = Any
@@ -40,8 +47,8 @@ class Stage:
 
     init_state(rng, mesh) -> (state, state_shardings)
     train_step(state, batch, rng, frozen) -> (state, metrics)   pure; jitted here, state donated
-    eval_step(state, batch, frozen) -> (sums, images)   ``sums``: per-batch sums of per-image metrics
-        plus 'count' (masked by batch['mask']); ``images``: uint8 [B, H, W', 3] grid rows
+    eval_step(state, batch, rng, frozen) -> (sums, images)   ``sums``: per-batch sums of per-image
+        metrics plus 'count' (masked by batch['mask']); ``images``: uint8 [B, H, W', 3] grid rows
     train_iterator(seed, process_index, process_count) -> grain DatasetIterator of host batches
     eval_batches() -> list of host batches (held-out), may be empty
     frozen: pytree of fixed arrays (e.g. LPIPS weights) passed to the steps, not trained
@@ -56,27 +63,20 @@ class Stage:
     frozen: PyTree = dataclasses.field(default_factory=dict)
 
 
-# XLA's CPU pipeline erases optimisation barriers (pass ``cse_barrier_expander``) before its last
-# CSE pass, which then merges every ``jax.checkpoint`` recomputation back into the forward pass, so
-# remat would save no memory. GPU/TPU pipelines keep the barriers until after CSE by default.
-CPU_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "cse_barrier_expander"}
-
-
 def jit_train_step(step_fn: Callable[..., tuple[Any, dict]], state_shardings: PyTree, mesh):
     """``jax.jit`` of ``step_fn(state, batch, rng, frozen) -> (state, metrics)`` as training runs it.
 
     The batch is split over the mesh, rng, frozen arrays and metrics are replicated, the state is
-    donated; on CPU the step keeps its remat barriers (:data:`CPU_COMPILER_OPTIONS`), so
-    ``config.model.remat`` lowers memory there as it does on GPU/TPU.
+    donated; compiled with the options the mesh's platform needs (``kernels.compiler_options``: on
+    the CPU the step keeps its remat barriers, so ``config.model.remat`` lowers memory there too).
     """
     repl = sharding_lib.replicated(mesh)
-    on_cpu = mesh.devices.flat[0].platform == "cpu"
     return jax.jit(
         step_fn,
         in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh), repl, repl),
         out_shardings=(state_shardings, repl),
         donate_argnums=0,
-        compiler_options=CPU_COMPILER_OPTIONS if on_cpu else None,
+        compiler_options=kernels_lib.compiler_options(mesh.devices.flat),
     )
 
 
@@ -106,54 +106,23 @@ class _Preemption:
 def stage_data(config: ml_collections.ConfigDict) -> dict:
     """The ``train_iterator`` and ``eval_batches`` of a stage that reads ``config.data`` with
     ``config.batch_size`` and evaluates on ``config.eval.num_images`` held-out images."""
-    from artfr_jax import data as data_lib  # noqa: PLC0415  (keeps the loop importable alone)
+    from artfr_jax.data import pipeline  # noqa: PLC0415  (keeps the loop importable alone)
 
     return dict(
-        train_iterator=lambda seed, pi, pc: data_lib.make_train_iterator(
+        train_iterator=lambda seed, pi, pc: pipeline.make_train_iterator(
             config.data,
             global_batch_size=config.batch_size,
             seed=seed,
             process_index=pi,
             process_count=pc,
         ),
-        eval_batches=lambda: data_lib.make_eval_batches(
+        eval_batches=lambda: pipeline.make_eval_batches(
             config.data,
             num_images=config.eval.num_images,
             batch_size=config.eval.batch_size,
             seed=config.seed,
         ),
     )
-
-
-def eval_lpips_params(config: ml_collections.ConfigDict, frozen: dict) -> dict:
-    """``{'eval_lpips': params}`` for eval-time LPIPS, or ``{}``.
-
-    The file is ``config.eval.lpips_weights``, else the perceptual loss's ``loss.lpips_weights``
-    (then the loss's already loaded ``frozen['lpips']`` is reused rather than loaded twice).
-    """
-    path = config.eval.get("lpips_weights", "")
-    if not path:
-        if "lpips" in frozen:
-            return {}
-        loss = config.get("loss")
-        path = loss.get("lpips_weights", "") if loss is not None else ""
-    if not path:
-        return {}
-    from artfr_jax.losses import perceptual  # noqa: PLC0415
-
-    return {"eval_lpips": perceptual.load_lpips_params(path)}
-
-
-def eval_lpips(frozen: dict, x_u8: jax.Array, y_u8: jax.Array) -> dict:
-    """``{'lpips': [B]}`` between uint8 images when eval LPIPS weights are loaded, else ``{}``."""
-    params = frozen.get("eval_lpips", frozen.get("lpips"))
-    if params is None:
-        return {}
-    from artfr_jax.losses import perceptual  # noqa: PLC0415
-
-    x = x_u8.astype(jnp.float32) / 127.5 - 1.0
-    y = y_u8.astype(jnp.float32) / 127.5 - 1.0
-    return {"lpips": perceptual.lpips_distance(params, x, y)}
 
 
 def _pad_to_multiple(batch: dict, multiple: int) -> dict:
@@ -166,14 +135,14 @@ def _pad_to_multiple(batch: dict, multiple: int) -> dict:
     return out
 
 
-def evaluate(eval_fn, state, frozen, mesh, batches: list[dict]):
+def evaluate(eval_fn, state, rng, frozen, mesh, batches: list[dict]):
     """Runs the eval step over host batches; returns (mean metrics, first batch's grid rows)."""
     n_dev = mesh.shape["data"] * mesh.shape["fsdp"]
     totals: dict[str, float] = {}
     grid = None
-    for batch in batches:
+    for i, batch in enumerate(batches):
         device_batch = sharding_lib.global_batch_to_devices(_pad_to_multiple(batch, n_dev), mesh)
-        sums, rows = eval_fn(state, device_batch, frozen)
+        sums, rows = eval_fn(state, device_batch, jax.random.fold_in(rng, i), frozen)
         sums = jax.device_get(sums)
         for k, v in sums.items():
             totals[k] = totals.get(k, 0.0) + float(v)
@@ -212,7 +181,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: S
     logging.info("Stage %s: mesh %s on %d devices", stage.name, dict(mesh.shape), mesh.size)
 
     root = jax.random.key(config.seed)
-    init_rng, train_rng = jax.random.split(root)
+    init_rng, train_rng, eval_rng = jax.random.split(root, 3)
     state, state_shardings = stage.init_state(init_rng, mesh)
 
     train_iter = stage.train_iterator(config.seed, jax.process_index(), jax.process_count())
@@ -221,8 +190,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: S
     )
     state, restored_step = ckpt_lib.restore(manager, state, state_shardings, train_iter)
     start_step = int(jax.device_get(state.step))
-    if restored_step is not None:
-        logging.info("Resuming %s from step %d", stage.name, start_step)
+    total = config.num_train_steps
+    if is_main:
+        if restored_step is not None:
+            console.say("Resuming %s from step %d", stage.name, start_step)
+        platforms = ",".join(sorted({d.platform for d in mesh.devices.flat}))
+        console.say(
+            "%s: %d steps in %s on %d %s device(s)",
+            stage.name,
+            total,
+            workdir,
+            mesh.size,
+            platforms,
+        )
 
     writer = writers_lib.create_writer(workdir, is_main_process=is_main)
     if start_step == 0:
@@ -233,10 +213,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: S
     batch_sh = sharding_lib.batch_sharding(mesh)
     frozen = jax.device_put(stage.frozen, repl)
     train_fn = jit_train_step(stage.train_step, state_shardings, mesh)
-    eval_fn = jax.jit(stage.eval_step, in_shardings=(state_shardings, batch_sh, repl))
+    eval_fn = jax.jit(stage.eval_step, in_shardings=(state_shardings, batch_sh, repl, repl))
     eval_batches = stage.eval_batches() if config.eval_every else []
 
-    total = config.num_train_steps
     hooks = []
     if is_main:
         hooks.append(
@@ -250,6 +229,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: S
         )
     last_eval: dict = {}
     history: list[tuple[int, dict]] = []
+    progress = _Progress(stage.name, start_step, total, enabled=is_main)
 
     def run_eval(step):
         nonlocal last_eval
@@ -257,18 +237,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: S
             return
         t0 = time.time()
         with jax.set_mesh(mesh):
-            means, grid = evaluate(eval_fn, state, frozen, mesh, eval_batches)
+            means, grid = evaluate(eval_fn, state, eval_rng, frozen, mesh, eval_batches)
         last_eval = means
         writer.write_scalars(step, {f"eval/{k}": v for k, v in means.items()})
         if is_main and grid is not None:
             writer.write_images(step, {"eval/grid": grid[None] if grid.ndim == 3 else grid})
             path = os.path.join(workdir, "samples", f"{stage.name}_step{step:07d}.png")
             image_utils.save_grid(grid, path)
-        logging.info("Eval at step %d (%.1fs): %s", step, time.time() - t0, means)
+        if is_main:
+            shown = " ".join(f"{k}={v:.4g}" for k, v in means.items())
+            console.say(
+                "%s eval at step %d: %s (%.1f s)", stage.name, step, shown, time.time() - t0
+            )
 
+    step = start_step
     try:
-        with _Preemption() as preemption, jax.set_mesh(mesh):
-            step = start_step
+        with _Preemption() as preemption, jax.set_mesh(mesh), progress:
             while step < total:
                 host_batch = next(train_iter)
                 batch = sharding_lib.global_batch_to_devices(host_batch, mesh)
@@ -280,6 +264,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: S
                 history.append((step, metrics))
                 for hook in hooks:
                     hook(step)
+                progress.update(step)
 
                 at_end = step == total
                 log_now = step % config.log_every == 0 or at_end
@@ -288,9 +273,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: S
                     history = [(s, jax.device_get(m)) for s, m in history]
                     _check_finite(history)
                 if log_now:
-                    writer.write_scalars(
-                        step, {f"train/{k}": v for k, v in _mean_metrics(history).items()}
-                    )
+                    means = _mean_metrics(history)
+                    writer.write_scalars(step, {f"train/{k}": v for k, v in means.items()})
+                    progress.log(step, means.get("loss"))
                     history = []
                 if config.eval_every and (step % config.eval_every == 0 or at_end):
                     run_eval(step)
@@ -306,7 +291,73 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: S
         writer.close()
         if hasattr(train_iter, "close"):
             train_iter.close()  # stops grain worker processes
+    if is_main and step >= total:
+        console.say(
+            "%s: done at step %d. Checkpoints: %s; eval grids: %s; TensorBoard events and "
+            "metrics.jsonl: %s",
+            stage.name,
+            step,
+            workdirs.checkpoint_dir(workdir),
+            os.path.join(workdir, "samples"),
+            workdir,
+        )
     return last_eval
+
+
+class _Progress:
+    """Training progress for the user: a bar per stage on a terminal, else a line at every log
+    step (log files and CI keep one line per ``config.log_every`` steps, not bar redraws)."""
+
+    def __init__(self, name: str, start: int, total: int, *, enabled: bool):
+        self.name, self.total, self.enabled = name, total, enabled
+        self.last_step, self.last_time = start, time.perf_counter()
+        self.bar = tqdm(
+            total=total,
+            initial=start,
+            desc=name,
+            unit="step",
+            file=sys.stderr,
+            dynamic_ncols=True,
+            disable=not (enabled and sys.stderr.isatty()),
+        )
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
+
+    def update(self, step: int) -> None:
+        self.bar.update(step - self.bar.n)
+
+    def log(self, step: int, loss: float | None) -> None:
+        if not self.enabled:
+            return
+        if not self.bar.disable:
+            if loss is not None:
+                self.bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
+            return
+        now = time.perf_counter()
+        rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
+        self.last_step, self.last_time = step, now
+        eta = (self.total - step) / max(rate, 1e-9)
+        shown = f", loss {loss:.4g}" if loss is not None else ""
+        console.say(
+            "%s step %d/%d%s, %.2f steps/s, %s left",
+            self.name,
+            step,
+            self.total,
+            shown,
+            rate,
+            _duration(eta),
+        )
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def _flatten(d: dict, prefix: str = ""):
@@ -316,12 +367,3 @@ def _flatten(d: dict, prefix: str = ""):
             yield from _flatten(v, key + ".")
         else:
             yield key, v if isinstance(v, int | float | str | bool) else str(v)
-
-
-def to_float_image(x: jax.Array) -> jax.Array:
-    """uint8 [0, 255] -> float32 [-1, 1] (done on device: uint8 moves 4x less data)."""
-    return x.astype(jnp.float32) / 127.5 - 1.0
-
-
-def to_uint8_image(x: jax.Array) -> jax.Array:
-    return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)

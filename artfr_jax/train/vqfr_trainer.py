@@ -23,45 +23,40 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from artfr_jax import inference
 from artfr_jax.evaluation import metrics as metrics_lib
 from artfr_jax.losses import adversarial, style
+from artfr_jax.models import factory
 from artfr_jax.models.vqfr import VQFRv1, vqfr_params_from_vqgan
-from artfr_jax.train import checkpoint as ckpt_lib
-from artfr_jax.train import loop, stage1, vqgan_trainer
+from artfr_jax.train import gan, loop, optimizers, perceptual, stage1
 from artfr_jax.train import state as state_lib
+from artfr_jax.utils import images as image_utils
 
 DISCS = ("d_global", "d_local", "d_main_global", "d_main_local")
 
 
-def make_model(config: ml_collections.ConfigDict) -> VQFRv1:
-    """VQFRv1 with the stage-I model's fields plus ``config.model`` (cond_channels, deformable
-    groups, remat; these override a stage-I field of the same name)."""
-    arch, fields = vqgan_trainer.split_arch(config.stage1.config.model.to_dict())
-    if arch != "vqfr_v1":
-        raise ValueError(
-            f"config.stage1.config.model.arch={arch!r}: VQFR needs a 'vqfr_v1' codebook model "
-            "(configs/vqgan.py:vqfr)"
-        )
-    return VQFRv1(**{**fields, **config.model.to_dict()})  # stage-II fields (remat) win
-
-
 def make_discriminators(config: ml_collections.ConfigDict) -> dict:
-    g = vqgan_trainer.make_discriminator(config.global_discriminator.to_dict())
-    loc = vqgan_trainer.make_discriminator(config.local_discriminator.to_dict())
+    model = config.model.to_dict()
+    g = factory.discriminator(
+        config.global_discriminator.to_dict(), model, "config.global_discriminator"
+    )
+    loc = factory.discriminator(
+        config.local_discriminator.to_dict(), model, "config.local_discriminator"
+    )
     return {"d_global": g, "d_local": loc, "d_main_global": g, "d_main_local": loc}
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """Adam for the network and each discriminator (release: 1e-5, betas (0.5, 0.9))."""
     opt = config.optimizer
-
-    def adam(peak):
-        lr = vqgan_trainer.learning_rate_schedule(opt, peak, config.num_train_steps)
-        return optax.adam(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps)
-
+    total = config.num_train_steps
     labels = {"sr": "sr", **{k: "disc" for k in DISCS}}
     return optax.multi_transform(
-        {"sr": adam(opt.learning_rate), "disc": adam(opt.disc_learning_rate)}, labels
+        {
+            "sr": optimizers.adam(opt, opt.learning_rate, total),
+            "disc": optimizers.adam(opt, opt.disc_learning_rate, total),
+        },
+        labels,
     )
 
 
@@ -71,6 +66,8 @@ def init_state(rng, mesh, *, config, vqfr, discs, tx, stage1_params, init_params
     size = config.data.image_size
     x = jnp.zeros((2, size, size, 3), jnp.float32)
 
+    params_rng, extras_rng = jax.random.split(rng)
+
     def init(rng):
         keys = jax.random.split(rng, 1 + len(DISCS))
         params = {"sr": vqfr.init(keys[0], x)["params"]}
@@ -79,9 +76,10 @@ def init_state(rng, mesh, *, config, vqfr, discs, tx, stage1_params, init_params
         return params
 
     def extras():
+        """The SWAGAN discriminators' spectral-norm vectors."""
         out = {}
-        for i, name in enumerate(DISCS):
-            variables = discs[name].init(jax.random.key(100 + i), x)
+        for k, name in zip(jax.random.split(extras_rng, len(DISCS)), DISCS, strict=True):
+            variables = discs[name].init(k, x)
             if "spectral" in variables:
                 out[name] = variables["spectral"]
         return out
@@ -90,7 +88,7 @@ def init_state(rng, mesh, *, config, vqfr, discs, tx, stage1_params, init_params
     state, shardings = state_lib.create_train_state(
         init,
         tx,
-        rng,
+        params_rng,
         mesh,
         ema_keys=ema_keys,
         min_shard_size=config.mesh.min_shard_size,
@@ -118,8 +116,8 @@ def train_step(state, batch, rng, frozen, *, config, vqfr, vqgan, discs, lpips_o
     """One update of the network and the four discriminators. batch: uint8 ``hq``, ``lq``."""
     del rng
     lc = config.loss
-    hq = loop.to_float_image(batch["hq"])
-    lq = loop.to_float_image(batch["lq"])
+    hq = image_utils.to_float_image(batch["hq"])
+    lq = image_utils.to_float_image(batch["lq"])
     step = state.step
     params = state.params
     extras = state.extras or {}
@@ -146,6 +144,7 @@ def train_step(state, batch, rng, frozen, *, config, vqfr, vqgan, discs, lpips_o
                 hq,
                 perceptual_weight=lc.perceptual_weight,
                 style_weight=lc.style_weight,
+                dtype=vqfr.dtype,
             )
             loss = loss + total
             out.update(parts)
@@ -185,7 +184,7 @@ def train_step(state, batch, rng, frozen, *, config, vqfr, vqgan, discs, lpips_o
         g_name, l_name = f"{prefix}global", f"{prefix}local"
 
         def g_global(x, g_name=g_name):
-            logits, _ = vqgan_trainer.disc_apply(
+            logits, _ = gan.disc_apply(
                 discs[g_name],
                 params[g_name],
                 {"spectral": extras.get(g_name)},
@@ -195,9 +194,7 @@ def train_step(state, batch, rng, frozen, *, config, vqfr, vqgan, discs, lpips_o
             return adversarial.softplus_g_loss(logits)
 
         def g_local(x, l_name=l_name):
-            logits, _ = vqgan_trainer.disc_apply(
-                discs[l_name], params[l_name], {}, x, update_stats=False
-            )
+            logits, _ = gan.disc_apply(discs[l_name], params[l_name], {}, x, update_stats=False)
             return adversarial.hinge_g_loss(logits)
 
         adv_g, grad_g = jax.value_and_grad(g_global)(x)
@@ -230,7 +227,7 @@ def train_step(state, batch, rng, frozen, *, config, vqfr, vqgan, discs, lpips_o
             (g_name, {"disc_loss": "softplus", "r1_weight": lc.r1_weight, "r1_every": lc.r1_every}),
             (l_name, {"disc_loss": "hinge"}),
         ):
-            d_loss, grads, spec, d_terms = vqgan_trainer.discriminator_update(
+            d_loss, grads, spec, d_terms = gan.discriminator_update(
                 discs[name], params[name], {"spectral": extras.get(name)}, hq, fake, step, d_lc
             )
             d_grads[name] = jax.tree.map(lambda g: g * gate, grads)  # noqa: B023
@@ -256,20 +253,21 @@ def train_step(state, batch, rng, frozen, *, config, vqfr, vqgan, discs, lpips_o
     return new_state, metrics
 
 
-def eval_step(state, batch, frozen, *, vqfr):
+def eval_step(state, batch, rng, frozen, *, vqfr):
     """Restores the held-out LQ faces; PSNR/SSIM (and LPIPS when loaded) of the main output, PSNR
-    of the texture branch and of the input. Rows: LQ | texture | main | HQ."""
+    of the texture branch and of the input. Rows: LQ | texture | main | HQ. ``rng`` is unused."""
+    del rng
     params = state.ema_params["sr"] if state.ema_params is not None else state.params["sr"]
-    lq = loop.to_float_image(batch["lq"])
+    lq = image_utils.to_float_image(batch["lq"])
     main, texture, _ = vqfr.apply({"params": params}, lq, train=False)
-    main_u8, tex_u8 = loop.to_uint8_image(main), loop.to_uint8_image(texture)
+    main_u8, tex_u8 = image_utils.to_uint8_image(main), image_utils.to_uint8_image(texture)
     x255 = batch["hq"].astype(jnp.float32)
     per_image = {
         "psnr": metrics_lib.psnr(main_u8.astype(jnp.float32), x255),
         "ssim": metrics_lib.ssim(main_u8.astype(jnp.float32), x255),
         "psnr_texture": metrics_lib.psnr(tex_u8.astype(jnp.float32), x255),
         "psnr_input": metrics_lib.psnr(batch["lq"].astype(jnp.float32), x255),
-        **loop.eval_lpips(frozen, main_u8, batch["hq"]),
+        **perceptual.eval_lpips(frozen, main_u8, batch["hq"]),
     }
     mask = batch["mask"]
     sums = {k: jnp.sum(v * mask) for k, v in per_image.items()}
@@ -279,15 +277,14 @@ def eval_step(state, batch, frozen, *, vqfr):
 
 
 def make_stage(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
-    s1 = stage1.ensure_stage1(config, workdir)
-    vqgan, vqgan_params = stage1.load_stage1(config, s1)
-    vqfr = make_model(config)
+    vqgan, vqgan_params = stage1.load_stage1(config, workdir)
+    vqfr = factory.vqfr(config)
     discs = make_discriminators(config)
     tx = make_optimizer(config)
-    lpips_frozen, lpips = vqgan_trainer.load_frozen(config)
+    lpips_frozen, lpips = perceptual.loss_lpips(config)
     init_params = load_init_params(config.init_from, vqfr, config.data.image_size)
     frozen = {"vqgan": vqgan_params, **lpips_frozen}
-    frozen.update(loop.eval_lpips_params(config, frozen))
+    frozen.update(perceptual.eval_lpips_params(config, frozen))
     return loop.Stage(
         name="vqfr",
         init_state=functools.partial(
@@ -327,25 +324,14 @@ def load_init_params(init_from: str, vqfr: VQFRv1, image_size: int) -> dict | No
             return convert_vqfr.load_vqfr_v1_params(init_from, vqfr)
         except (FileNotFoundError, ValueError) as e:
             raise type(e)(f"config.init_from: {e}") from None
-    other, params, size = load_vqfr(init_from, what="config.init_from")
-    if other.clone(remat=vqfr.remat) != vqfr or size != image_size:  # remat leaves params alone
+    other, params, size = inference.load_vqfr(init_from, what="config.init_from")
+    compute = {k: getattr(vqfr, k) for k in factory.COMPUTE_FIELDS}
+    if other.clone(**compute) != vqfr or size != image_size:  # these leave the params alone
         raise ValueError(
             f"config.init_from={init_from}: its network ({size} px) differs from this config's "
             f"({image_size} px); the model fields must be equal"
         )
     return params
-
-
-def load_vqfr(workdir: str, what: str = "--workdir") -> tuple[VQFRv1, dict, int]:
-    """The trained network of a VQFR workdir: ``(model, params, image_size)`` (EMA if kept)."""
-    ckdir, saved, key = stage1.saved_config(workdir, "vqfr", what)
-    config = ml_collections.ConfigDict(saved)
-    vqfr = make_model(config)
-    size = config.data.image_size
-    x = jnp.zeros((1, size, size, 3), jnp.float32)
-    abstract = jax.eval_shape(lambda: vqfr.init(jax.random.key(0), x)["params"])
-    restored = ckpt_lib.restore_subtree(ckdir, {key: {"sr": abstract}})
-    return vqfr, restored[key]["sr"], size
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -18,163 +18,33 @@ import ml_collections
 import optax
 
 from artfr_jax.evaluation import metrics as metrics_lib
-from artfr_jax.losses import adversarial, perceptual
-from artfr_jax.models.discriminators import PatchDiscriminator
+from artfr_jax.losses import adversarial
+from artfr_jax.models import factory
 from artfr_jax.models.stylegan_disc import SWADiscriminator
-from artfr_jax.models.vqfr import VQGANv1
-from artfr_jax.models.vqgan import VQGAN
-from artfr_jax.train import kmeans, loop
+from artfr_jax.train import gan, kmeans, loop, optimizers, perceptual
 from artfr_jax.train import state as state_lib
-
-GENERATORS = {"taming": VQGAN, "vqfr_v1": VQGANv1}
-DISCRIMINATORS = {"patchgan": PatchDiscriminator, "swagan": SWADiscriminator}
-
-
-def split_arch(section: dict) -> tuple[str | None, dict]:
-    """``(section['arch'], the other fields)`` of a model config section, lists made tuples."""
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in section.items()}
-    return fields.pop("arch", None), fields
-
-
-def make_generator(model: dict):
-    """The codebook model named by ``model['arch']`` ('taming' when absent) with the other fields."""
-    arch, fields = split_arch(model)
-    arch = arch or "taming"
-    if arch not in GENERATORS:
-        raise ValueError(f"config.model.arch={arch!r}: expected one of {sorted(GENERATORS)}")
-    return GENERATORS[arch](**fields)
-
-
-def make_discriminator(section: dict):
-    arch, fields = split_arch(section)
-    arch = arch or "patchgan"
-    if arch not in DISCRIMINATORS:
-        raise ValueError(
-            f"config.discriminator.arch={arch!r}: expected one of {sorted(DISCRIMINATORS)}"
-        )
-    return DISCRIMINATORS[arch](**fields)
+from artfr_jax.utils import images as image_utils
 
 
 def make_models(config: ml_collections.ConfigDict):
-    return make_generator(config.model.to_dict()), make_discriminator(
-        config.discriminator.to_dict()
+    """The codebook model (``config.model``, by its ``arch``) and its discriminator, both under the
+    ``config.model`` precision and kernel policy."""
+    tokenizer = factory.tokenizer(config.model.to_dict())
+    disc = factory.discriminator(
+        config.discriminator.to_dict(), config.model.to_dict(), "config.discriminator"
     )
-
-
-def disc_apply(disc, d_params, extras, x, *, update_stats: bool):
-    """Discriminator logits; for the spectral-norm SWAGAN also the advanced power-iteration state
-    (``extras['spectral']``). Returns ``(logits, new_spectral or None)``."""
-    if isinstance(disc, SWADiscriminator):
-        variables = {"params": d_params, "spectral": extras["spectral"]}
-        if update_stats:
-            logits, upd = disc.apply(variables, x, update_stats=True, mutable=["spectral"])
-            return logits, upd["spectral"]
-        return disc.apply(variables, x), extras["spectral"]
-    return disc.apply({"params": d_params}, x), None
-
-
-def discriminator_update(disc, d_params, extras, real, fake, step, lc):
-    """``(d_loss, d_grads, new_spectral, terms)`` of one discriminator update on detached ``fake``.
-
-    ``loss.disc_loss``: 'hinge' (taming: 0.5 (relu(1-real) + relu(1+fake))) or 'softplus'
-    (StyleGAN2/VQFR: softplus(-real) + softplus(fake)). With ``loss.r1_weight > 0`` the lazy R1
-    penalty ``r1_weight / 2 * R1 * r1_every`` is added on steps divisible by ``r1_every``.
-    """
-
-    def loss_fn(p):
-        real_logits, spec = disc_apply(disc, p, extras, real, update_stats=True)
-        fake_logits, spec = disc_apply(disc, p, {"spectral": spec}, fake, update_stats=True)
-        if lc.get("disc_loss", "hinge") == "softplus":
-            loss = adversarial.softplus_d_loss(real_logits, fake_logits)
-        else:
-            loss = adversarial.hinge_d_loss(real_logits, fake_logits)
-        return loss, (spec, jnp.mean(real_logits), jnp.mean(fake_logits))
-
-    (loss, (spec, real_score, fake_score)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        d_params
-    )
-    terms = {"d_real_score": real_score, "d_fake_score": fake_score}
-    r1_weight = lc.get("r1_weight", 0.0)
-    if r1_weight > 0:
-        every = int(lc.get("r1_every", 16))
-
-        def r1_loss(p):
-            d = lambda x: disc_apply(disc, p, {"spectral": spec}, x, update_stats=False)[0]  # noqa: E731
-            return r1_weight / 2 * adversarial.r1_penalty(d, real) * every
-
-        def with_r1(_):
-            return jax.value_and_grad(r1_loss)(d_params)
-
-        def without(_):
-            return jnp.float32(0.0), jax.tree.map(jnp.zeros_like, d_params)
-
-        r1, r1_grads = jax.lax.cond(step % every == 0, with_r1, without, None)
-        grads = jax.tree.map(jnp.add, grads, r1_grads)
-        terms["d_r1"] = r1
-    return loss, grads, spec, terms
-
-
-def load_frozen(config: ml_collections.ConfigDict) -> tuple[dict, perceptual.LPIPS | None]:
-    """LPIPS weights when the perceptual loss is on; a clear error when they are required but absent.
-
-    ``loss.perceptual``: 'required' (paper default: a missing file is an error), 'if_available'
-    (used when ``loss.lpips_weights`` names a file, else the term is dropped) or 'off'.
-    """
-    mode = config.loss.perceptual
-    if mode not in ("required", "if_available", "off"):
-        raise ValueError(
-            f"config.loss.perceptual={mode!r}: expected 'required', 'if_available' or 'off'"
-        )
-    path = config.loss.lpips_weights
-    if mode == "off" or config.loss.perceptual_weight == 0 or (mode == "if_available" and not path):
-        return {}, None
-    if not path:
-        raise FileNotFoundError(
-            "config.loss.lpips_weights is empty but config.loss.perceptual='required': convert "
-            "LPIPS weights with `python -m artfr_jax.convert.lpips_vgg --vgg16=vgg16-397923af.pth "
-            "--output=lpips_vgg.msgpack` and pass --config.loss.lpips_weights=lpips_vgg.msgpack "
-            "(or set --config.loss.perceptual=off)"
-        )
-    params = perceptual.load_lpips_params(path)
-    return {"lpips": params}, perceptual.LPIPS()
-
-
-def learning_rate_schedule(opt: ml_collections.ConfigDict, peak: float, total_steps: int):
-    """'constant' (paper stage I), 'cosine' from ``peak`` to ``end_learning_rate``, or 'multistep'
-    (times ``decay_factor`` at each of ``milestones``), all after a linear warm-up of
-    ``warmup_steps``."""
-    if opt.schedule == "constant":
-        main = optax.constant_schedule(peak)
-    elif opt.schedule == "cosine":
-        decay = max(total_steps - opt.warmup_steps, 1)
-        main = optax.cosine_decay_schedule(peak, decay, alpha=opt.end_learning_rate / peak)
-    elif opt.schedule == "multistep":  # BasicSR's MultiStepLR (VQFR)
-        factor = float(opt.get("decay_factor", 0.5))
-        main = optax.piecewise_constant_schedule(
-            peak, {int(m) - opt.warmup_steps: factor for m in opt.milestones}
-        )
-    else:
-        raise ValueError(
-            f"config.optimizer.schedule={opt.schedule!r}: expected 'constant', 'cosine' or "
-            "'multistep'"
-        )
-    if not opt.warmup_steps:
-        return main
-    warmup = optax.linear_schedule(0.0, peak, opt.warmup_steps)
-    return optax.join_schedules([warmup, main], [opt.warmup_steps])
+    return tokenizer, disc
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """Separate Adam for generator (paper: 8e-5) and discriminator, in one multi_transform."""
     opt = config.optimizer
-
-    def adam(peak):
-        lr = learning_rate_schedule(opt, peak, config.num_train_steps)
-        chain = [optax.clip_by_global_norm(opt.grad_clip)] if opt.grad_clip else []
-        return optax.chain(*chain, optax.adam(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps))
-
+    total = config.num_train_steps
     return optax.multi_transform(
-        {"generator": adam(opt.learning_rate), "discriminator": adam(opt.disc_learning_rate)},
+        {
+            "generator": optimizers.adam(opt, opt.learning_rate, total),
+            "discriminator": optimizers.adam(opt, opt.disc_learning_rate, total),
+        },
         {"generator": "generator", "discriminator": "discriminator"},
     )
 
@@ -182,6 +52,8 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 def init_state(rng, mesh, *, config, vqgan, disc, tx):
     size = config.data.image_size
     x = jnp.zeros((1, size, size, 3), jnp.float32)
+
+    params_rng, extras_rng = jax.random.split(rng)
 
     def init_params(rng):
         g_rng, d_rng = jax.random.split(rng)
@@ -194,15 +66,17 @@ def init_state(rng, mesh, *, config, vqgan, disc, tx):
     return state_lib.create_train_state(
         init_params,
         tx,
-        rng,
+        params_rng,
         mesh,
         ema_keys=ema_keys,
         min_shard_size=config.mesh.min_shard_size,
-        init_extras=functools.partial(init_extras, config=config, vqgan=vqgan, disc=disc),
+        init_extras=functools.partial(
+            init_extras, extras_rng, config=config, vqgan=vqgan, disc=disc
+        ),
     )
 
 
-def init_extras(*, config, vqgan, disc):
+def init_extras(rng, *, config, vqgan, disc):
     """Non-trained state: the k-means reservoir and the SWAGAN's spectral-norm vectors."""
     extras = {}
     cb = config.get("codebook")
@@ -211,7 +85,7 @@ def init_extras(*, config, vqgan, disc):
     if isinstance(disc, SWADiscriminator):
         size = config.data.image_size
         x = jnp.zeros((2, size, size, 3), jnp.float32)
-        extras["spectral"] = disc.init(jax.random.key(1), x)["spectral"]
+        extras["spectral"] = disc.init(rng, x)["spectral"]
     return extras or None
 
 
@@ -226,7 +100,7 @@ def train_step(state, batch, rng, frozen, *, config, vqgan, disc, lpips, tx):
     Only that kernel's share of the two extra VJPs is used, so XLA keeps just the last layer of them.
     """
     lc = config.loss
-    hq = loop.to_float_image(batch["hq"])
+    hq = image_utils.to_float_image(batch["hq"])
     gate = adversarial.adversarial_weight(state.step, lc.adversarial_start, 1.0)
     use_adv = lc.adversarial_weight > 0
     d_params = state.params["discriminator"]
@@ -257,7 +131,7 @@ def train_step(state, batch, rng, frozen, *, config, vqgan, disc, lpips, tx):
     if use_adv:
 
         def adv_loss(recon):
-            logits, _ = disc_apply(disc, d_params, extras, recon, update_stats=False)
+            logits, _ = gan.disc_apply(disc, d_params, extras, recon, update_stats=False)
             return adversarial.generator_adv_loss(logits, kind=lc.generator_loss)
 
         g_adv, g_recon_adv = jax.value_and_grad(adv_loss)(recon)
@@ -278,7 +152,7 @@ def train_step(state, batch, rng, frozen, *, config, vqgan, disc, lpips, tx):
 
     new_extras = dict(extras)
     if use_adv:
-        d_loss, d_grads, spec, d_terms = discriminator_update(
+        d_loss, d_grads, spec, d_terms = gan.discriminator_update(
             disc, d_params, extras, hq, jax.lax.stop_gradient(recon), state.step, lc
         )
         d_grads = jax.tree.map(lambda g: g * gate, d_grads)  # nothing before adversarial_start
@@ -336,15 +210,16 @@ def _reestimate_codebook(state, extras, features, rng, cb):
     return state.replace(params=params, extras={**extras, "reservoir": res}), did
 
 
-def eval_step(state, batch, frozen, *, vqgan):
+def eval_step(state, batch, rng, frozen, *, vqgan):
     """Reconstruction metrics (L1, PSNR, SSIM, LPIPS when its weights are loaded) summed over the
-    (masked) batch, and input | reconstruction rows."""
+    (masked) batch, and input | reconstruction rows. Deterministic: ``rng`` is unused."""
+    del rng
     params = (
         state.ema_params["generator"] if state.ema_params is not None else state.params["generator"]
     )
-    hq = loop.to_float_image(batch["hq"])
+    hq = image_utils.to_float_image(batch["hq"])
     recon, aux = vqgan.apply({"params": params}, hq, train=False)
-    recon_u8 = loop.to_uint8_image(recon)
+    recon_u8 = image_utils.to_uint8_image(recon)
     mask = batch["mask"]
     x255 = batch["hq"].astype(jnp.float32)
     r255 = recon_u8.astype(jnp.float32)
@@ -352,7 +227,7 @@ def eval_step(state, batch, frozen, *, vqgan):
         "l1": jnp.mean(jnp.abs(jnp.clip(recon, -1, 1) - hq), axis=(1, 2, 3)),
         "psnr": metrics_lib.psnr(r255, x255),
         "ssim": metrics_lib.ssim(r255, x255),
-        **loop.eval_lpips(frozen, recon_u8, batch["hq"]),
+        **perceptual.eval_lpips(frozen, recon_u8, batch["hq"]),
     }
     sums = {k: jnp.sum(v * mask) for k, v in per_image.items()}
     sums["count"] = jnp.sum(mask)
@@ -362,8 +237,8 @@ def eval_step(state, batch, frozen, *, vqgan):
 
 def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
     vqgan, disc = make_models(config)
-    frozen, lpips = load_frozen(config)
-    frozen.update(loop.eval_lpips_params(config, frozen))
+    frozen, lpips = perceptual.loss_lpips(config)
+    frozen.update(perceptual.eval_lpips_params(config, frozen))
     tx = make_optimizer(config)
     return loop.Stage(
         name="vqgan",

@@ -12,15 +12,19 @@ trimming: a freed block stays mapped and the next step reuses it. It has two cos
 keeps its peak heap until it exits. And XLA compiles more slowly with every thread allocating
 from one arena: a paper-VQGAN gradient at 128 px took 10-14 s to compile instead of 7 s. So the
 long-running commands (``python -m artfr_jax.main``, ``python -m artfr_jax.restore``) and the
-benchmarks turn it on, and importing the package does not; in a notebook, call it before the
-first JAX computation (the backend's threads pick their arena then; later calls change nothing
-for them). ``ARTFR_JAX_HOST_MALLOC=system`` in the environment leaves glibc's defaults alone.
+benchmarks turn it on when the process runs on the CPU (:func:`retain_freed_memory_on_cpu`; a
+GPU or TPU process keeps glibc's defaults), and importing the package does not. It must come
+before JAX starts its backend, whose threads pick their arena then: applied after
+``jax.devices()``, a step still faulted in 3.5x the pages. In a notebook, call it first.
+``ARTFR_JAX_HOST_MALLOC=system`` in the environment leaves glibc's defaults alone.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import importlib.metadata
+import importlib.util
 import os
 import sys
 
@@ -33,6 +37,37 @@ _M_ARENA_MAX = -8
 _applied: bool | None = None
 
 
+def _setting() -> str:
+    setting = os.environ.get(ENV, "retain").strip().lower()
+    if setting not in ("retain", "system"):
+        raise ValueError(f"{ENV}={setting!r}: expected 'retain' or 'system'")
+    return setting
+
+
+def runs_on_cpu() -> bool:
+    """Whether JAX in this process computes on the CPU, told without starting a backend:
+    ``JAX_PLATFORMS`` (``jax_platforms``) when set, else whether no accelerator plugin (a JAX CUDA
+    or ROCm plugin, libtpu) is installed."""
+    import jax  # noqa: PLC0415  (importing jax starts no backend)
+
+    platforms = jax.config.jax_platforms
+    if platforms:
+        return platforms.split(",")[0].strip() == "cpu"
+    if importlib.util.find_spec("libtpu") is not None:
+        return False
+    if importlib.metadata.entry_points(group="jax_plugins"):
+        return False
+    return importlib.util.find_spec("jax_plugins") is None
+
+
+def retain_freed_memory_on_cpu() -> bool:
+    """:func:`retain_freed_memory` when :func:`runs_on_cpu`; True if it was applied. A bad
+    ``ARTFR_JAX_HOST_MALLOC`` is an error either way."""
+    if _setting() == "system" or not runs_on_cpu():
+        return False
+    return retain_freed_memory()
+
+
 def retain_freed_memory() -> bool:
     """Sets glibc's malloc to keep freed memory (module docstring); True if it was applied.
 
@@ -43,10 +78,7 @@ def retain_freed_memory() -> bool:
     if _applied is not None:
         return _applied
     _applied = False
-    setting = os.environ.get(ENV, "retain").strip().lower()
-    if setting not in ("retain", "system"):
-        raise ValueError(f"{ENV}={setting!r}: expected 'retain' or 'system'")
-    if setting == "system" or not sys.platform.startswith("linux"):
+    if _setting() == "system" or not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

@@ -1,11 +1,24 @@
-"""Small image helpers shared by trainers, restore and evaluate (host side, NumPy)."""
+"""Small image helpers shared by trainers, restore and evaluate: uint8 <-> [-1, 1] on the device,
+grids and files on the host."""
 
 from __future__ import annotations
 
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
+
+
+def to_float_image(x: jax.Array) -> jax.Array:
+    """uint8 [0, 255] -> float32 [-1, 1] (done on device: uint8 moves 4x less data)."""
+    return x.astype(jnp.float32) / 127.5 - 1.0
+
+
+def to_uint8_image(x: jax.Array) -> jax.Array:
+    """[-1, 1] -> uint8 [0, 255], rounded and clipped."""
+    return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
 
 
 def side_by_side(*columns: np.ndarray) -> np.ndarray:

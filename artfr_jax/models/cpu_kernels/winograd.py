@@ -9,13 +9,13 @@ Summed over input channels, the element-wise products become (m + r - 1)^2 matmu
 ``[tiles, C_in] @ [C_in, C_out]``: for F(4x4, 3x3) 36 instead of 144 multiply-adds per tile, a
 quarter; for F(4x4, 2x2) 25 instead of 64; for F(2x2, 3x3) 16 instead of 36, with 16 instead of 36
 transformed weight matrices to read (``conv3x3`` takes it for few positions and many channels,
-``SMALL_TILE``). The input transform is sums of tile rows that XLA fuses
-into memory-bound loops; the output transform is one small matmul.
+``small_tile``). The input transform is sums of tile rows that XLA fuses into memory-bound loops;
+the output transform is one small matmul.
 
-Used by ``models.conv`` on the CPU only, in float32: for stride-1 'SAME' 3x3 convolutions of the
-sizes in ``MIN_SIZES`` (``benchmarks/conv_winograd.py`` times it per shape), and for the 2x2 phase
-convolution of the decoders' upsampling (``models.conv.upsample2x_conv``; ``MIN_SIZES_2X2``). The
-result differs from the direct sum by rounding only (about 3e-6 relative in float32).
+Used by ``cpu_kernels.conv`` in float32 for stride-1 'SAME' 3x3 convolutions of the sizes in
+``CpuKernels.winograd_min_sizes`` and by ``cpu_kernels.upsample`` for the 2x2 phase convolution of
+the decoders' upsampling. The result differs from the direct sum by rounding only (about 3e-6
+relative in float32).
 """
 
 from __future__ import annotations
@@ -102,48 +102,6 @@ F2_3 = Minimal(
     np.array([[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]], np.float64),
     np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float64),
 )
-
-# (positions, channels) pairs: a convolution of at least that many positions (batch x height x
-# width) and input and output channels runs as Winograd, if it meets either pair. Below them the
-# direct convolution is as fast or faster on the CPU: with few tiles, reading the 36 transformed
-# weight matrices (4x the direct weights) dominates, and with few channels the transforms do.
-# ``benchmarks/conv_winograd.py`` on 2 cores, jax 0.10 (forward, forward+backward in ms, direct ->
-# Winograd), B x H x W x C -> O: 4x64x64x32 5.1 -> 3.5, 17.4 -> 15.1; 1x64x64x32 1.2 -> 1.2,
-# 4.2 -> 4.6; 8x32x32x64 8.1 -> 4.6, 34 -> 25; 1x64x64x64 3.8 -> 2.2, 15.8 -> 12.2; 8x16x16x128
-# 5.3 -> 4.0, 21.8 -> 18.1; 1x32x32x256 10.6 -> 7.8, 37 -> 33; 1x16x16x512 15.3 -> 11.2, 43 -> 39;
-# 1x16x16x256 3.0 -> 2.5, 12.6 -> 12.7; 1x8x8x256 1.7 -> 2.6, 7.2 -> 9.0; 1x8x8x512 5.5 -> 10.0,
-# 24 -> 32. Each Winograd convolution adds about half a second of compile time, so the smaller
-# sizes that gain a little (4x16x16x64 1.7 -> 1.4, 5.3 -> 4.4: the demo's 32-px levels) stay
-# direct. With it the smoke configuration's train step compiles in 31 instead of 18 s, and its 500
-# steps (``configs/vqgan.py:smoke``) ran in 8:51 and 9:38 instead of 10:28 min (0.9-1.1 instead of
-# 0.76-0.9 steps/s).
-MIN_SIZES = ((16384, 32), (4096, 64), (1024, 128), (256, 256))
-# The same for the upsampling's 2x2 phase convolution (``C -> 4 O``; positions: its output's),
-# forward and input gradient. On 2 cores, 1 image (ms, direct -> Winograd, forward | input
-# gradient), input HxWxC: 256x256x128 347 -> 178 | 259 -> 211; 64x64x256 88 -> 41 | 63 -> 45;
-# 64x64x128 19 -> 12 | 17 -> 13; 128x128x64 22 -> 14 | 18 -> 37; 32x32x256 25 -> 16 | 18 -> 27;
-# 16x16x512 21 -> 33 | 29 -> 46. (8 images of 32x32x64: 21 -> 9 | 8 -> 12.)
-MIN_SIZES_2X2 = ((8192, 64), (4096, 128), (1024, 256))
-# Its input and weight gradients (``_phase_bwd``) take it above ``MIN_SIZES_2X2_GRADS``. Weight
-# gradient, patch matmul -> Winograd (ms; measured while another job shared the 2 cores), input
-# HxWxC -> 4 O: 258x258x128 660 -> 460; 130x130x128 156 -> 115; 66x66x256 142 -> 81; 34x34x256
-# 29 -> 29; 18x18x512 41 -> 72; 8 images of 34x34x64 22 -> 31.
-MIN_SIZES_2X2_GRADS = ((4096, 128),)
-# (positions, channel pairs C x O): a Winograd 3x3 convolution of at most that many positions and
-# at least that many channel pairs takes F(2x2, 3x3). There the matmuls have a few dozen tiles and
-# reading F(4x4, 3x3)'s 36 transformed weight matrices dominates; F(2x2, 3x3) reads 16.
-# ``benchmarks/conv_winograd.py`` and interleaved runs of the three alone, 2 cores, forward ms
-# (direct, F(4x4, 3x3), F(2x2, 3x3)), B x H x W x C -> O: 1x16x16x512->512 12.4, 10.8, 8.0 (in
-# two earlier runs 16.3, 17.2, 12.3 and 11.7, 10.8, 8.4); 1x16x16x512->256 6.8, 5.1, 4.7;
-# 1x16x16x256->512 6.5, 6.1, 5.3; 1x16x16x256->256 4.3, 4.1, 4.7; 2x16x16x512->512 22.7, 14.8,
-# 14.5; 2x16x16x256->512 11.5, 7.3, 7.7; 1x32x32x512->256 23.2, 14.2, 14.5 and 21.6, 10.8, 13.2.
-SMALL_TILE = (256, 256 * 512)
-
-
-def applies_to(positions: int, channels: int, sizes=None) -> bool:
-    """Whether a convolution of this size is quicker as Winograd on the CPU (``sizes``: a table
-    as ``MIN_SIZES``, which is the default)."""
-    return any(positions >= p and channels >= c for p, c in (MIN_SIZES if sizes is None else sizes))
 
 
 def _broadcast_combine(matrix: np.ndarray, parts: list[jax.Array], axis: int) -> jax.Array:
@@ -238,22 +196,35 @@ def _conv(x: jax.Array, w: jax.Array, f: Minimal, pad: int, precision) -> jax.Ar
     return output_transform(prods, b, _tiles(ho, f), _tiles(wo, f), f)[:, :ho, :wo]
 
 
-def minimal_3x3(positions: int, channels_in: int, channels_out: int) -> Minimal:
-    """F(2x2, 3x3) for the sizes in ``SMALL_TILE``, else F(4x4, 3x3)."""
-    max_positions, min_pairs = SMALL_TILE
+# ``small_tile`` below is ``CpuKernels.winograd_small_tile``: (max positions, min channel pairs).
+SmallTile = tuple[int, int]
+NO_SMALL_TILE: SmallTile = (0, 0)
+
+
+def minimal_3x3(
+    positions: int, channels_in: int, channels_out: int, small_tile: SmallTile = NO_SMALL_TILE
+) -> Minimal:
+    """F(2x2, 3x3) for at most ``small_tile[0]`` positions and at least ``small_tile[1]`` channel
+    pairs (there the matmuls have a few dozen tiles and reading F(4x4, 3x3)'s 36 transformed weight
+    matrices dominates), else F(4x4, 3x3)."""
+    max_positions, min_pairs = small_tile
     small = positions <= max_positions and channels_in * channels_out >= min_pairs
     return F2_3 if small else F4_3
 
 
-def conv3x3(x: jax.Array, w: jax.Array, precision=None) -> jax.Array:
+def conv3x3(
+    x: jax.Array, w: jax.Array, precision=None, small_tile: SmallTile = NO_SMALL_TILE
+) -> jax.Array:
     """Stride-1 3x3 convolution with one pixel of zero padding (NHWC x HWIO -> NHWC)."""
-    f = minimal_3x3(x.shape[0] * x.shape[1] * x.shape[2], *w.shape[2:])
+    f = minimal_3x3(x.shape[0] * x.shape[1] * x.shape[2], *w.shape[2:], small_tile)
     return _conv(x, w, f, 1, precision)
 
 
-def conv3x3_input_grad(dy: jax.Array, w: jax.Array, precision=None) -> jax.Array:
+def conv3x3_input_grad(
+    dy: jax.Array, w: jax.Array, precision=None, small_tile: SmallTile = NO_SMALL_TILE
+) -> jax.Array:
     """Gradient of ``conv3x3(x, w)`` with respect to ``x``: ``dy`` against the flipped kernel."""
-    return conv3x3(dy, jnp.flip(w, (0, 1)).swapaxes(2, 3), precision)
+    return conv3x3(dy, jnp.flip(w, (0, 1)).swapaxes(2, 3), precision, small_tile)
 
 
 def _weight_grad(x: jax.Array, dy: jax.Array, f: Minimal, pad: int, precision) -> jax.Array:
@@ -276,11 +247,14 @@ def _weight_grad(x: jax.Array, dy: jax.Array, f: Minimal, pad: int, precision) -
     return dg
 
 
-def conv3x3_weight_grad(x: jax.Array, dy: jax.Array, precision=None) -> jax.Array:
+def conv3x3_weight_grad(
+    x: jax.Array, dy: jax.Array, precision=None, small_tile: SmallTile = NO_SMALL_TILE
+) -> jax.Array:
     """Gradient of ``conv3x3(x, w)`` with respect to ``w``: ``[B, H, W, C], [B, H, W, O] ->
     [3, 3, C, O]``, by the same minimal filtering run backwards (``_weight_grad``)."""
     b, h, wd, c = x.shape
-    return _weight_grad(x, dy, minimal_3x3(b * h * wd, c, dy.shape[-1]), 1, precision)
+    f = minimal_3x3(b * h * wd, c, dy.shape[-1], small_tile)
+    return _weight_grad(x, dy, f, 1, precision)
 
 
 def conv2x2(x: jax.Array, w: jax.Array, precision=None) -> jax.Array:

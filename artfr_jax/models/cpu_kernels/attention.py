@@ -3,49 +3,37 @@
 ``softmax(q k^T / sqrt(d)) v`` (Vaswani et al., 2017, Eq. 1) over ``N`` positions builds an
 ``[N, N]`` weight matrix per head. XLA:CPU writes it to memory and reads it back in each of the
 softmax's passes and in both matmuls, so at ``N = 1024`` (the VQGAN's attention at 32x32) the
-matmuls ran at a quarter of their speed. :func:`dot_product_attention` takes ``BLOCK`` queries at a
+matmuls ran at a quarter of their speed. :func:`blocked_attention` takes ``block`` queries at a
 time instead (``lax.map``), with the weights of a block small enough to stay in cache; its
 backward pass recomputes each block's weights from the saved log-sum-exp, as flash attention
-does, and never holds the ``[N, N]`` matrix. ``benchmarks/vqgan_vs_diffusers.py --config=smoke``
-measures the effect. GPU and TPU programs are unchanged.
+does, and never holds the ``[N, N]`` matrix.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-BLOCK = 256
 
-
-def reference_attention(q, k, v, *, precision: Any = None) -> jax.Array:
-    """``softmax(q k^T / sqrt(d)) v`` on ``[B, N, H, D]``; softmax in float32."""
-    logits = jnp.einsum("bqnd,bknd->bnqk", q, k, precision=precision)
-    weights = jax.nn.softmax(logits.astype(jnp.float32) * (q.shape[-1] ** -0.5), axis=-1)
-    return jnp.einsum("bnqk,bknd->bqnd", weights.astype(v.dtype), v, precision=precision)
-
-
-def dot_product_attention(q, k, v, *, precision: Any = None) -> jax.Array:
-    """Attention on ``[B, N, H, D]`` (module docstring): query blocks on the CPU for float32
-    inputs with ``N`` a multiple of ``BLOCK`` larger than it (where ``precision`` makes no
-    difference), :func:`reference_attention` else."""
+def applies(q: jax.Array, k: jax.Array, v: jax.Array, block: int) -> bool:
+    """Float32 self-attention over ``N`` positions, ``N`` a multiple of ``block`` larger than it."""
     n = q.shape[1]
-    blocked = (
-        jax.default_backend() == "cpu"
-        and n > BLOCK
-        and n % BLOCK == 0
+    return (
+        n > block
+        and n % block == 0
         and k.shape == q.shape == v.shape
         and all(x.dtype == jnp.float32 for x in (q, k, v))
     )
-    if not blocked:
-        return reference_attention(q, k, v, precision=precision)
-    b, _, h, d = q.shape
+
+
+def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, block: int) -> jax.Array:
+    """Attention on ``[B, N, H, D]`` in blocks of ``block`` queries (where :func:`applies`)."""
+    b, n, h, d = q.shape
     heads = lambda x: x.transpose(0, 2, 1, 3).reshape(b * h, n, d)  # noqa: E731
-    out = _blocked(heads(q), heads(k), heads(v), BLOCK)
+    out = _blocked(heads(q), heads(k), heads(v), block)
     return out.reshape(b, h, n, d).transpose(0, 2, 1, 3)
 
 

@@ -1,0 +1,98 @@
+"""What a user of the commands sees: progress, eval results and where outputs went on the console;
+the full log (absl, orbax, clu) in a file of the workdir.
+
+Code that talks to the user calls :func:`say` (process 0 only; a plain line, no log prefix). The
+main command calls :func:`route_logs` at start-up and :func:`log_to_file` once it knows its process:
+every log record then goes to ``WORKDIR/train.log`` (``train.<process>.log`` on other processes),
+and the console keeps only :func:`say` lines and warnings unless ``--verbosity=1`` (or higher) asks
+for everything. Without :func:`route_logs` (tests, notebooks) nothing is filtered.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import sys
+
+from absl import logging as absl_logging
+from tqdm import tqdm
+
+LOGGER = logging.getLogger("artfr_jax.console")
+
+
+def say(message: str, *args) -> None:
+    """One line for the user (``%``-style ``args``), in the log file too."""
+    LOGGER.info(message, *args, stacklevel=2)
+
+
+class _ConsoleHandler(logging.Handler):
+    """Writes :func:`say` lines to stderr through ``tqdm.write``, so that a progress bar on the
+    terminal is redrawn below them instead of being torn."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 -- logging must not raise
+            self.handleError(record)
+
+
+def _is_console_record(record: logging.LogRecord) -> bool:
+    return record.name == LOGGER.name
+
+
+def route_logs(verbosity: int) -> None:
+    """For ``verbosity < 1``: only :func:`say` lines and warnings on the console. Every record is
+    kept (in memory) until :func:`log_to_file` names the file. Call it first, before JAX starts a
+    backend, so that its start-up lines are routed too. Idempotent."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_artfr_jax", False):
+            root.removeHandler(h)
+    # absl's handler hands each record to its Python handler, whose filters are the ones applied.
+    absl_handler = absl_logging.get_absl_handler().python_handler
+    for f in list(absl_handler.filters):
+        if getattr(f, "_artfr_jax", False):
+            absl_handler.removeFilter(f)
+    buffer = logging.handlers.MemoryHandler(capacity=1 << 30, flushLevel=logging.CRITICAL + 1)
+    buffer._artfr_jax = True
+    root.addHandler(buffer)
+    if verbosity < 1:
+        absl_handler.addFilter(_QuietFilter())
+        console = _ConsoleHandler(logging.INFO)
+        console.addFilter(_is_console_record)
+        console.setFormatter(logging.Formatter("%(message)s"))
+        console._artfr_jax = True
+        root.addHandler(console)
+
+
+def log_to_file(workdir: str, process_index: int = 0) -> str:
+    """Writes every log record, those kept since :func:`route_logs` first, to
+    ``WORKDIR/train.log`` (``train.<process>.log`` on other processes); returns its path."""
+    os.makedirs(workdir, exist_ok=True)
+    name = "train.log" if process_index == 0 else f"train.{process_index}.log"
+    path = os.path.join(workdir, name)
+    file_handler = logging.FileHandler(path, encoding="utf-8")
+    file_handler.setFormatter(absl_logging.PythonFormatter())
+    file_handler._artfr_jax = True
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if isinstance(h, logging.handlers.MemoryHandler) and getattr(h, "_artfr_jax", False):
+            h.setTarget(file_handler)
+            h.flush()
+            root.removeHandler(h)
+        elif isinstance(h, logging.FileHandler) and getattr(h, "_artfr_jax", False):
+            root.removeHandler(h)
+            h.close()
+    root.addHandler(file_handler)
+    return path
+
+
+class _QuietFilter(logging.Filter):
+    """Keeps warnings and errors on absl's console handler; :func:`say` lines go through
+    :class:`_ConsoleHandler` instead."""
+
+    _artfr_jax = True
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING and not _is_console_record(record)
