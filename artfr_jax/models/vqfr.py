@@ -431,7 +431,8 @@ class VQGANv1(nn.Module):
     ``features [B*h*w, embedding_dim]`` (``z`` flattened, float32, for the k-means reservoir),
     ``zq`` (quantised code before ``post_quant_conv``, the release's ``z_quant_before_conv``),
     ``indices [B, h, w]`` int32 and the loss / usage scalars of :meth:`VQQuantizer.quantize`;
-    ``h = H / prod(resolution_scale_rates)``.
+    ``h = H / prod(resolution_scale_rates)``. ``freeze_codebook`` stops every gradient to the
+    codebook (:class:`VQFRv1`, which starts from this model, keeps the HQ codebook).
     """
 
     base_channels: int = 128
@@ -442,6 +443,7 @@ class VQGANv1(nn.Module):
     num_embeddings: int = 1024
     embedding_dim: int = 256
     beta: float = 0.25
+    freeze_codebook: bool = False
     norm_groups: int = 32
     norm_eps: float = 1e-6
     dtype: Dtype = jnp.float32
@@ -458,6 +460,7 @@ class VQGANv1(nn.Module):
             num_embeddings=self.num_embeddings,
             embedding_dim=self.embedding_dim,
             beta=self.beta,
+            freeze_codebook=self.freeze_codebook,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             precision=self.precision,
@@ -471,7 +474,7 @@ class VQGANv1(nn.Module):
 
     def encode(self, x: jax.Array) -> jax.Array:
         """``[B, H, W, 3] -> z [B, h, w, embedding_dim]`` (encoder + ``quant_conv``)."""
-        _check_image("VQGANv1.encode", x, self.downsample_factor)
+        _check_image(f"{type(self).__name__}.encode", x, self.downsample_factor)
         return self.quantizer.project(self.encoder(x))
 
     def quantize(self, z: jax.Array, skip_quantization: bool | jax.Array = False):
@@ -667,41 +670,27 @@ class MainDecoder(nn.Module):
         return _conv(3, 3, "conv_out", self)(x)
 
 
-class VQFRv1(nn.Module):
+class VQFRv1(VQGANv1):
     """VQFR restoration network (Sec. 3.2; Figs. 3, 4d; App. Table 4; release ``VQFRv1``).
 
     ``x_lq -> E -> quant_conv -> z_d -> nearest HQ code z_q -> post_quant_conv -> texture decoder
     G_t -> (x_t, F^t)``; ``F^d = inpfeat_conv(x_lq)`` (3x3 conv, ``cond_channels`` wide);
-    ``x_m = G_m(F^t, F^d, x_lq)``. Submodule names (``encoder``, ``quantizer``, ``decoder``) match
-    :class:`VQGANv1`, so stage II starts from the stage-I params (:func:`vqfr_params_from_vqgan`).
-    The multi-level structure requires ``resolution_scale_rates = (1, 2, ..., 2)`` (the main branch
-    doubles offsets from level to level).
+    ``x_m = G_m(F^t, F^d, x_lq)``. The encoder, quantiser and (texture) decoder are
+    :class:`VQGANv1`'s, with its fields and submodule names, so stage II starts from the stage-I
+    params (:func:`vqfr_params_from_vqgan`); the codebook is frozen by default. The multi-level
+    structure requires ``resolution_scale_rates = (1, 2, ..., 2)`` (the main branch doubles
+    offsets from level to level).
 
-    ``__call__(x_lq [B, H, W, 3]) -> (main [B, H, W, 3], texture [B, H, W, 3], aux)`` with ``aux``:
-    ``z [B, h, w, embedding_dim]`` (the LQ code before quantisation; the code-alignment loss of
-    Sec. 3.3 is ``mean((z - sg[VQGANv1 aux['zq'] of the HQ face])^2)``), ``zq``,
-    ``indices [B, h, w]`` and the quantiser's loss / usage scalars (unused by the release's
+    ``__call__(x_lq [B, H, W, 3]) -> (main [B, H, W, 3], texture [B, H, W, 3], aux)`` (float32
+    images) with ``aux``: ``z [B, h, w, embedding_dim]`` (the LQ code before quantisation; the
+    code-alignment loss of Sec. 3.3 is ``mean((z - sg[VQGANv1 aux['zq'] of the HQ face])^2)``),
+    ``zq``, ``indices [B, h, w]`` and the quantiser's loss / usage scalars (unused by the release's
     stage II).
     """
 
-    base_channels: int = 128
-    channel_multipliers: tuple[int, ...] = (1, 1, 2, 2, 2, 4)
-    resolution_scale_rates: tuple[int, ...] = (1, 2, 2, 2, 2, 2)
-    encoder_num_blocks: int = 2
-    decoder_num_blocks: int = 3
-    num_embeddings: int = 1024
-    embedding_dim: int = 256
-    beta: float = 0.25
+    freeze_codebook: bool = True
     cond_channels: int = 32
     deformable_groups: int = 4
-    freeze_codebook: bool = True
-    norm_groups: int = 32
-    norm_eps: float = 1e-6
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    precision: PrecisionLike = None
-    kernels: Kernels = Kernels()
-    remat: bool = False
 
     def setup(self):
         rates = tuple(self.resolution_scale_rates)
@@ -710,21 +699,8 @@ class VQFRv1(nn.Module):
                 f"VQFRv1: resolution_scale_rates must be (1, 2, ..., 2) (the main decoder doubles "
                 f"the offsets from level to level), got {rates}"
             )
-        fields = _level_fields(self)
+        super().setup()
         self.inpfeat_conv = _conv(self.cond_channels, 3, None, self)
-        self.encoder = VQFREncoder(num_blocks=self.encoder_num_blocks, **fields)
-        self.quantizer = VQQuantizer(
-            in_dim=self.base_channels * self.channel_multipliers[-1],
-            num_embeddings=self.num_embeddings,
-            embedding_dim=self.embedding_dim,
-            beta=self.beta,
-            freeze_codebook=self.freeze_codebook,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            precision=self.precision,
-            kernels=self.kernels,
-        )
-        self.decoder = VQFRDecoder(num_blocks=self.decoder_num_blocks, **fields)
         self.main_decoder = MainDecoder(
             remat=self.remat,
             base_channels=self.base_channels,
@@ -737,19 +713,6 @@ class VQFRv1(nn.Module):
             precision=self.precision,
             kernels=self.kernels,
         )
-
-    @property
-    def downsample_factor(self) -> int:
-        return math.prod(self.resolution_scale_rates)
-
-    def encode(self, x_lq: jax.Array) -> jax.Array:
-        """``[B, H, W, 3] -> z_d [B, h, w, embedding_dim]`` (encoder + ``quant_conv``)."""
-        _check_image("VQFRv1.encode", x_lq, self.downsample_factor)
-        return self.quantizer.project(self.encoder(x_lq))
-
-    def quantize(self, z: jax.Array):
-        """``z_d -> (z_q, indices, aux)`` against the (frozen) HQ codebook (Eq. 1)."""
-        return self.quantizer.quantize(z)
 
     def decode_texture(self, zq: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
         """Texture branch: ``z_q -> (x_t [B, H, W, 3], (F^t_0, ..., F^t_L))``."""
