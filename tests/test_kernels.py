@@ -128,3 +128,22 @@ def test_compiler_options_follow_the_devices():
     assert compiler_options(jax.devices()[:1]) == {"xla_disable_hlo_passes": "cse_barrier_expander"}
     tpu = [SimpleNamespace(platform="tpu")] * 4
     assert compiler_options(tpu) is None
+
+
+def test_under_a_mesh_its_devices_decide_at_trace_time():
+    """The training loop traces under ``jax.set_mesh``: 'auto' then takes the mesh's platform
+    (only the chosen form is traced); without a mesh both forms wait for the lowering."""
+    from artfr_jax.train import sharding
+    from configs import vqgan as vqgan_config
+
+    x = jnp.zeros(X.shape)
+
+    def jaxpr(model):
+        params = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
+        return str(jax.make_jaxpr(model.apply)(params, x))
+
+    assert "platform_index" in jaxpr(MODEL)
+    mesh = sharding.make_mesh(vqgan_config.get_config("tiny").mesh, devices=jax.devices()[:1])
+    with jax.set_mesh(mesh):
+        text = jaxpr(MODEL)
+    assert "platform_index" not in text and "name=group_norm" in text

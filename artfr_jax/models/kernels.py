@@ -3,10 +3,11 @@
 Every convolution, group norm, nearest x2 upsampling and spatial attention of the models goes
 through this module, and a model holds one :class:`Kernels` (``config.model.kernels``):
 
-* ``'auto'`` (default): the kernels of ``models/cpu_kernels`` where the program is lowered for the
-  CPU, plain XLA ops for every other platform. The choice is ``lax.platform_dependent``, made when
-  the program is lowered, so a TPU or GPU program lowered on a CPU host (ahead-of-time
-  compilation) gets the XLA ops whatever ``jax.default_backend()`` says;
+* ``'auto'`` (default): the kernels of ``models/cpu_kernels`` where the program is for the CPU,
+  plain XLA ops for every other platform. Traced under a mesh (``jax.set_mesh``, as the training
+  loop and a sharded ahead-of-time compilation do), the mesh's devices decide; otherwise
+  ``lax.platform_dependent`` decides when the program is lowered. Either way a TPU or GPU program
+  lowered on a CPU host gets the XLA ops, whatever ``jax.default_backend()`` says;
 * ``'xla'``: plain XLA ops everywhere;
 * ``'cpu'``: the CPU kernels everywhere (valid XLA on any platform but tuned for none other), for
   tests and benchmarks.
@@ -49,12 +50,21 @@ class Kernels:
             raise ValueError(f"config.model.kernels={self.mode!r}: expected one of {MODES}")
 
 
+def _mesh_platform() -> str | None:
+    """The platform of the mesh being traced under (``jax.set_mesh``), or None without one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = getattr(mesh, "abstract_device", None)
+    return None if mesh.empty or device is None else device.platform
+
+
 def _select(kernels: Kernels, args: tuple, cpu_fn: Callable, xla_fn: Callable):
-    if kernels.mode == "xla":
-        return xla_fn(*args)
-    if kernels.mode == "cpu":
-        return cpu_fn(*args)
-    return lax.platform_dependent(*args, cpu=cpu_fn, default=xla_fn)
+    mode = kernels.mode
+    if mode == "auto":
+        platform = _mesh_platform()
+        if platform is None:  # decided when lowered: both forms are traced
+            return lax.platform_dependent(*args, cpu=cpu_fn, default=xla_fn)
+        mode = "cpu" if platform == "cpu" else "xla"
+    return cpu_fn(*args) if mode == "cpu" else xla_fn(*args)
 
 
 # --------------------------------------------------------------------------------- convolution
