@@ -62,7 +62,12 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     args = parser.parse_args()
+    # Traced under the restorer's one-device mesh, as `python -m artfr_jax.restore` traces it.
+    with jax.set_mesh(inference.device_mesh()):
+        benchmark(args)
 
+
+def benchmark(args):
     config = art_config.get_config(None if args.config == "paper" else args.config)
     config.model.dtype = args.dtype
     config.sampling.steps = args.steps

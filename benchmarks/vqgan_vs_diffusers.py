@@ -143,15 +143,22 @@ def main(argv=None) -> None:
     fwd = jax.jit(lambda v, x: model.apply(v, x)[0])
     grad = jax.jit(jax.grad(lambda v, x: jnp.mean(model.apply(v, x)[0])))
     variables = {"params": params}
+    # Traced under a mesh of the device it runs on, as training and restoring trace: the kernel
+    # switch's 'auto' then decides at trace time (models/kernels.py).
+    mesh = jax.sharding.Mesh(
+        np.asarray(jax.devices()[:1]), ("batch",), axis_types=(jax.sharding.AxisType.Auto,)
+    )
     t = time.perf_counter()
-    fwd_c = fwd.lower(variables, x).compile(compiler_options=options or None)
+    with jax.set_mesh(mesh):
+        fwd_c = fwd.lower(variables, x).compile(compiler_options=options or None)
     c_fwd = time.perf_counter() - t
     run_fwd = lambda: jax.block_until_ready(fwd_c(variables, x))  # noqa: E731
     jax_fns = {"fwd": run_fwd}
     compiled = f"forward {c_fwd:.2f}s"
     if not args.forward_only:
         t = time.perf_counter()
-        grad_c = grad.lower(variables, x).compile(compiler_options=options or None)
+        with jax.set_mesh(mesh):
+            grad_c = grad.lower(variables, x).compile(compiler_options=options or None)
         compiled += f"  forward+backward {time.perf_counter() - t:.2f}s"
         jax_fns["grad"] = lambda: jax.block_until_ready(grad_c(variables, x))
     print(f"jax   compile: {compiled}")

@@ -1,7 +1,8 @@
 r"""ART-FR stage II: masked token transformer conditioned on LQ features (Sec. 3.2-3.3, App. A).
 
 Paper values by default: 512 px, 16x16 HQ tokens after a 256-token LQ prefix, width 768, Adam with a
-cosine decay 2e-4 -> 2e-5 over 150k steps, batch 24, T = 8 decoding steps, temperature 0. Stage I
+cosine decay 2e-4 -> 2e-5 over 150k steps, batch 24, T = 8 decoding steps, temperature 0; bfloat16
+compute and float32 parameters (``config.model.dtype``; the variants: float32). Stage I
 (configs/vqgan.py) must have been trained first:
 
     python -m artfr_jax.main --config=configs/vqgan.py --workdir=runs/vqgan ...

@@ -4,7 +4,8 @@ Paper values by default (the release's train_vqfr_v1_B16_200K): 512 px, batch 16
 preset ``vqfr``, Adam 1e-5 with betas (0.5, 0.9) for the network and the four discriminators,
 200k steps; losses lambda_pix = lambda_code = lambda_per = 1, style weight 2000,
 lambda_global = lambda_local = 0.5; the texture branch's GAN terms from the start and the main
-branch's from step 5000. Stage I is VQFR's codebook model (``configs/vqgan.py:vqfr``), trained
+branch's from step 5000; bfloat16 compute, float32 parameters (``config.model.dtype``; the
+variants: float32). Stage I is VQFR's codebook model (``configs/vqgan.py:vqfr``), trained
 into ``<workdir>/stage1`` first when ``stage1.train_if_missing`` (the variants) or named by
 ``stage1.workdir``:
 

@@ -1,7 +1,8 @@
 r"""ART-FR stage I: VQGAN tokenizer on HQ faces (Sec. 3.1, Sec. 4.1, App. A.1).
 
 Paper values by default: 512 px, f=32 (16x16 tokens), codebook 1024 x 256, batch 24, Adam 8e-5,
-500k steps, lambda_G = 0.8, LPIPS perceptual loss (needs converted weights, see README).
+500k steps, lambda_G = 0.8, LPIPS perceptual loss (needs converted weights, see README); bfloat16
+compute and float32 parameters for every network (``config.model.dtype``; the variants: float32).
 
     python -m artfr_jax.main --config=configs/vqgan.py --workdir=runs/vqgan \
         --config.loss.lpips_weights=weights/lpips_vgg.msgpack

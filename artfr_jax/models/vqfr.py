@@ -187,8 +187,8 @@ class ResnetBlock(nn.Module):
 
 def _block_cls(module) -> type[ResnetBlock]:
     """``ResnetBlock``, recomputed in the backward pass when ``module.remat``: less activation
-    memory at 512 px for one extra forward pass of the blocks (on CPU only in steps compiled by
-    ``train.loop.jit_train_step``, which keeps XLA from merging the recomputation away)."""
+    memory at 512 px for one extra forward pass of the blocks (on CPU only in programs compiled
+    with ``kernels.compiler_options``, which keep XLA from merging the recomputation away)."""
     return nn.remat(ResnetBlock) if module.remat else ResnetBlock
 
 
