@@ -23,7 +23,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax
@@ -59,16 +59,12 @@ class ConversionError(ValueError):
     """A state dict or config that does not match the VQGAN layout."""
 
 
-def vqgan_kwargs_from_diffusers_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """:class:`VQGAN` keyword arguments reproducing a diffusers ``VQModel`` config (dict).
-
-    Architecture fields only (no dtype); JSON-serialisable apart from tuples.
-    """
-    cfg = {**_VQMODEL_DEFAULTS, **{k: v for k, v in config.items() if not k.startswith("_")}}
-    if cfg["norm_type"] != "group":
-        raise ConversionError(
-            f"config: norm_type={cfg['norm_type']!r} unsupported; expected 'group'"
-        )
+def encoder_decoder_levels(
+    cfg: Mapping[str, Any],
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """``(block_out_channels, encoder attention levels, decoder attention levels)`` of a diffusers
+    ``Encoder``/``Decoder`` config (``VQModel``, ``AutoencoderKL``), decoder levels numbered as the
+    encoder's; a wrong count or block type is a :class:`ConversionError` naming the field."""
     chans = tuple(int(c) for c in cfg["block_out_channels"])
     n = len(chans)
     down, up = tuple(cfg["down_block_types"]), tuple(cfg["up_block_types"])
@@ -87,6 +83,20 @@ def vqgan_kwargs_from_diffusers_config(config: Mapping[str, Any]) -> dict[str, A
     enc_attn = tuple(i for i, t in enumerate(down) if _DOWN_TYPES[t])
     # up_blocks[i] runs at the resolution of encoder level n-1-i.
     dec_attn = tuple(sorted(n - 1 - i for i, t in enumerate(up) if _UP_TYPES[t]))
+    return chans, enc_attn, dec_attn
+
+
+def vqgan_kwargs_from_diffusers_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """:class:`VQGAN` keyword arguments reproducing a diffusers ``VQModel`` config (dict).
+
+    Architecture fields only (no dtype); JSON-serialisable apart from tuples.
+    """
+    cfg = {**_VQMODEL_DEFAULTS, **{k: v for k, v in config.items() if not k.startswith("_")}}
+    if cfg["norm_type"] != "group":
+        raise ConversionError(
+            f"config: norm_type={cfg['norm_type']!r} unsupported; expected 'group'"
+        )
+    chans, enc_attn, dec_attn = encoder_decoder_levels(cfg)
     if cfg["act_fn"] not in ("silu", "swish", "gelu", "relu", "mish"):
         raise ConversionError(f"config: act_fn={cfg['act_fn']!r} unsupported")
     latent = int(cfg["latent_channels"])
@@ -173,14 +183,71 @@ def _to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
+def param_shapes(
+    model: Any, *args: Any, method: Any = None
+) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Flat ``{param path: shape}`` of ``model.init(key, *args)`` (``jax.eval_shape``: no allocation;
+    ``args`` may be ``jax.ShapeDtypeStruct``)."""
+    variables = jax.eval_shape(lambda a: model.init(jax.random.key(0), *a, method=method), args)
+    shapes = variables["params"]
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(shapes))
+    return {k: tuple(v.shape) for k, v in flat.items()}
+
+
 def expected_param_shapes(kwargs: Mapping[str, Any]) -> dict[tuple[str, ...], tuple[int, ...]]:
     """Flat ``{param path: shape}`` of ``VQGAN(**kwargs)`` (no allocation)."""
     model = VQGAN(**kwargs)
     f = model.downsample_factor
     x = jax.ShapeDtypeStruct((1, f, f, kwargs.get("in_channels", 3)), jnp.float32)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
-    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(shapes))
-    return {k: tuple(v.shape) for k, v in flat.items()}
+    return param_shapes(model, x)
+
+
+def params_from_state_dict(
+    state_dict: Mapping[str, Any],
+    shapes: Mapping[tuple[str, ...], tuple[int, ...]],
+    torch_key: Callable[[tuple[str, ...]], str],
+    param_dtype: Any = np.float32,
+    model: str = "VQGAN",
+) -> dict[str, Any]:
+    """A PyTorch state dict -> the params tree whose flat ``{path: shape}`` is ``shapes``.
+
+    ``torch_key(path)`` names the tensor of each param. Conv kernels ``[O, I, kh, kw]`` become
+    ``[kh, kw, I, O]``, linear ``[O, I]`` become ``[I, O]`` (a 1x1 conv is accepted for a linear);
+    other tensors keep their layout. Raises :class:`ConversionError` naming the first missing,
+    mis-shaped or unexpected key (``model`` names the module in the message).
+    """
+    flat: dict[tuple[str, ...], np.ndarray] = {}
+    used = set()
+    for path, shape in shapes.items():
+        key = torch_key(path)
+        tshape = _torch_shape(path, shape)
+        if key not in state_dict:
+            raise ConversionError(
+                f"state dict: missing key {key!r} (expected shape {tshape}, for {model} param "
+                f"{'/'.join(path)})"
+            )
+        arr = _to_numpy(state_dict[key])
+        if path[-1] == "kernel" and len(shape) == 2 and arr.ndim == 4 and arr.shape[2:] == (1, 1):
+            arr = arr[:, :, 0, 0]  # a 1x1 conv stored where a linear layer is expected
+        if tuple(arr.shape) != tshape:
+            raise ConversionError(
+                f"state dict: key {key!r} has shape {tuple(arr.shape)}, expected {tshape} "
+                f"(for {model} param {'/'.join(path)} of shape {shape})"
+            )
+        if path[-1] == "kernel" and arr.ndim == 4:
+            arr = arr.transpose(2, 3, 1, 0)
+        elif path[-1] == "kernel" and arr.ndim == 2:
+            arr = arr.T
+        flat[path] = np.ascontiguousarray(arr.astype(param_dtype))
+        used.add(key)
+    unexpected = sorted(set(state_dict) - used)
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise ConversionError(
+            f"state dict: unexpected key {unexpected[0]!r}{more}; no {model} param maps to it "
+            f"(does the config match the checkpoint?)"
+        )
+    return flax.traverse_util.unflatten_dict(flat)
 
 
 def convert_state_dict(
@@ -193,38 +260,7 @@ def convert_state_dict(
     Raises :class:`ConversionError` naming the first missing, mis-shaped or unexpected key.
     """
     sd = {_normalize_key(k): v for k, v in state_dict.items()}
-    flat: dict[tuple[str, ...], np.ndarray] = {}
-    used = set()
-    for path, shape in expected_param_shapes(kwargs).items():
-        key = _torch_key(path)
-        tshape = _torch_shape(path, shape)
-        if key not in sd:
-            raise ConversionError(
-                f"state dict: missing key {key!r} (expected shape {tshape}, for VQGAN param "
-                f"{'/'.join(path)})"
-            )
-        arr = _to_numpy(sd[key])
-        if path[-1] == "kernel" and len(shape) == 2 and arr.ndim == 4 and arr.shape[2:] == (1, 1):
-            arr = arr[:, :, 0, 0]  # a 1x1 conv stored where a linear layer is expected
-        if tuple(arr.shape) != tshape:
-            raise ConversionError(
-                f"state dict: key {key!r} has shape {tuple(arr.shape)}, expected {tshape} "
-                f"(for VQGAN param {'/'.join(path)} of shape {shape})"
-            )
-        if path[-1] == "kernel" and arr.ndim == 4:
-            arr = arr.transpose(2, 3, 1, 0)
-        elif path[-1] == "kernel" and arr.ndim == 2:
-            arr = arr.T
-        flat[path] = np.ascontiguousarray(arr.astype(param_dtype))
-        used.add(key)
-    unexpected = sorted(set(sd) - used)
-    if unexpected:
-        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
-        raise ConversionError(
-            f"state dict: unexpected key {unexpected[0]!r}{more}; no VQGAN param maps to it "
-            f"(does the config match the checkpoint?)"
-        )
-    return flax.traverse_util.unflatten_dict(flat)
+    return params_from_state_dict(sd, expected_param_shapes(kwargs), _torch_key, param_dtype)
 
 
 def load_state_dict(path: str) -> dict[str, Any]:

@@ -274,6 +274,27 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array
     return lax.platform_dependent(q, k, v, cuda=cudnn, default=xla)
 
 
+def attention(q, k, v, kernels: Kernels = Kernels(), *, precision: Any = None) -> jax.Array:
+    """Self- or cross-attention ``[B, T, H, D] x [B, S, H, D] -> [B, T, H, D]`` (the UNet's):
+    on the CPU the query-blocked kernel where it applies (as :func:`spatial_attention`), else
+    :func:`dot_product_attention` (cuDNN on GPUs in bfloat16); with an explicit ``precision`` and
+    no cuDNN, :func:`reference_attention` at that precision."""
+
+    def other(q, k, v):
+        if precision is None or cudnn_applies(q, k, v):
+            return dot_product_attention(q, k, v)
+        return reference_attention(q, k, v, precision=precision)
+
+    block = kernels.cpu.attention_block
+    if kernels.mode == "xla" or not cpu_attention.applies(q, k, v, block):
+        return other(q, k, v)
+
+    def cpu(q, k, v):
+        return cpu_attention.blocked_attention(q, k, v, block)
+
+    return _select(kernels, (q, k, v), cpu, other)
+
+
 # ---------------------------------------------------------------------------------- compiling
 
 # XLA's CPU pipeline erases optimisation barriers (pass ``cse_barrier_expander``) before its last

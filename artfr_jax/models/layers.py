@@ -106,10 +106,11 @@ def _norm(module, name):
 
 
 class ResnetBlock(nn.Module):
-    """Pre-norm residual block: ``x + conv2(act(norm2(conv1(act(norm1(x))))))``.
+    """Pre-norm residual block: ``x + conv2(act(norm2(conv1(act(norm1(x))) [+ t])))``.
 
     A 1x1 ``conv_shortcut`` projects the skip path when the channel count changes (VQGAN,
-    Esser et al. 2021; diffusers ``ResnetBlock2D`` without time embedding).
+    Esser et al. 2021; diffusers ``ResnetBlock2D``). Given a timestep embedding ``temb [B, C_t]``
+    (diffusion UNets, Ho et al. 2020), ``t = time_emb_proj(act(temb))`` is added per channel.
 
     Shapes: ``[B, H, W, C_in] -> [B, H, W, out_channels]``.
     """
@@ -126,11 +127,20 @@ class ResnetBlock(nn.Module):
     kernels: Kernels = Kernels()
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
         norm = lambda name: _norm(self, name)  # noqa: E731
         conv = lambda f, k, name: _conv(f, k, name, self)  # noqa: E731
         h = self.act(norm("norm1")(x))
         h = conv(self.out_channels, 3, "conv1")(h)
+        if temb is not None:
+            t = nn.Dense(
+                self.out_channels,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                precision=self.precision,
+                name="time_emb_proj",
+            )(self.act(temb))
+            h = h + t[:, None, None, :].astype(h.dtype)
         h = self.act(norm("norm2")(h))
         h = conv(self.out_channels, 3, "conv2")(h)
         if x.shape[-1] != self.out_channels:
