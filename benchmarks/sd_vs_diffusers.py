@@ -11,9 +11,10 @@ outputs. Parts:
   unet:   UNet forward, ``--latent``-px latents (64 = 512-px images), batch ``--batch``, text
           context 77 x 1024, t = 399;
   vae:    VAE encode (posterior mean) + decode at ``--image`` px;
-  memory: ``memory_analysis()`` of one compiled train step (MSE of the UNet's output to a target,
-          AdamW; the trained state donated) training every parameter, and training a rank-``--rank`` LoRA of the attention,
-          feed-forward, projection and ResNet convolutions (the base a frozen argument).
+  memory: ``memory_analysis()`` of one compiled train step (MSE of the UNet's output to a
+          target, AdamW, the trained state donated) training every parameter, and training a
+          rank-``--rank`` LoRA of the attention, feed-forward, projection and ResNet layers (the
+          base a frozen argument, stored in ``--frozen_dtype``); ``--dtype``, ``--remat``.
 
 Times are the median (and min) over ``--repeats`` interleaved runs after ``--warmup`` runs; JAX
 compile times apart. JAX traces under a one-device mesh as the framework's commands do, so the
@@ -35,7 +36,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from artfr_jax.convert import diffusers_sd  # noqa: E402
-from artfr_jax.models import lora  # noqa: E402
+from artfr_jax.models import kernels, lora  # noqa: E402
 from artfr_jax.models.unet import UNet  # noqa: E402
 from artfr_jax.models.vae import AutoencoderKL  # noqa: E402
 from artfr_jax.utils import compile_cache, host_memory  # noqa: E402
@@ -121,8 +122,12 @@ def _mesh() -> jax.sharding.Mesh:
 
 def _compile(fn, *args, donate_argnums=()):
     t = time.perf_counter()
-    with jax.set_mesh(_mesh()):
-        compiled = jax.jit(fn, donate_argnums=donate_argnums).lower(*args).compile()
+    mesh = _mesh()
+    # On the CPU, remat needs the compiler options the trainers compile with (models/kernels.py).
+    options = kernels.compiler_options(mesh.devices.flat)
+    with jax.set_mesh(mesh):
+        lowered = jax.jit(fn, donate_argnums=donate_argnums).lower(*args)
+        compiled = lowered.compile(compiler_options=options)
     return compiled, time.perf_counter() - t
 
 
@@ -213,12 +218,16 @@ def bench_vae(args) -> None:
 def bench_memory(args, kwargs) -> None:
     import optax  # noqa: PLC0415
 
-    model = UNet(**kwargs, remat=args.remat)
+    model = UNet(**kwargs, remat=args.remat, dtype=jnp.dtype(args.dtype))
     latents, context, t = _inputs(args)
     target = np.zeros_like(latents)
     x = jax.ShapeDtypeStruct(latents.shape, jnp.float32)
     # Shapes only: nothing is allocated.
     params = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, t, context)["params"], x)
+    # The frozen base of a LoRA step may be stored in the compute dtype (it is never updated).
+    frozen = jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, jnp.dtype(args.frozen_dtype)), params
+    )
     tx = optax.adamw(1e-4)
 
     def full_step(params, opt_state, x, t, c, y):
@@ -247,12 +256,13 @@ def bench_memory(args, kwargs) -> None:
     print(
         f"memory: unet {count(params) / 1e6:.1f}M params, LoRA rank {args.rank} on "
         f"{len(lora.module_paths(lora_params))} layers: {count(lora_params) / 1e6:.2f}M params; "
-        f"batch {args.batch}, latents {args.latent}, remat={args.remat}, float32"
+        f"batch {args.batch}, latents {args.latent}, remat={args.remat}, compute {args.dtype}, "
+        f"params float32, LoRA's frozen base {args.frozen_dtype}"
     )
     rows = {}
     for name, step, state in (
         ("full", full_step, (params, jax.eval_shape(tx.init, params), params)),
-        ("lora", lora_step, (lora_params, jax.eval_shape(tx.init, lora_params), params)),
+        ("lora", lora_step, (lora_params, jax.eval_shape(tx.init, lora_params), frozen)),
     ):
         fn_args = state[:2] + ((state[2],) if name == "lora" else ()) + (x, t, context, target)
         # The trained state is donated, as the trainers' steps donate it.
@@ -283,6 +293,13 @@ def main(argv=None) -> None:
     p.add_argument("--image", type=int, default=512, help="VAE image side")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha = rank)")
     p.add_argument("--remat", action="store_true", help="memory: rematerialise the UNet's blocks")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="memory")
+    p.add_argument(
+        "--frozen_dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="memory: dtype of the LoRA step's frozen base parameters",
+    )
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args(argv)
