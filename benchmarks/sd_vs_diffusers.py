@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -40,6 +39,7 @@ from artfr_jax.models import kernels, lora  # noqa: E402
 from artfr_jax.models.unet import UNet  # noqa: E402
 from artfr_jax.models.vae import AutoencoderKL  # noqa: E402
 from artfr_jax.utils import compile_cache, host_memory  # noqa: E402
+from benchmarks.vqgan_vs_diffusers import timed  # noqa: E402
 
 # diffusers' config.json of stabilityai/stable-diffusion-2-1-base, unet/ and vae/.
 SD21_BASE_UNET = {
@@ -87,20 +87,6 @@ LORA_TARGETS = (
     "conv_shortcut",
     "time_emb_proj",
 )
-
-
-def timed(fns: dict, warmup: int, repeats: int) -> dict:
-    """Each function ``warmup`` times, then ``repeats`` rounds of all of them in turn."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t)
-    return {k: {"median": statistics.median(v), "min": min(v)} for k, v in times.items()}
 
 
 def _rel(a, b) -> float:

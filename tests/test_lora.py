@@ -21,11 +21,7 @@ from artfr_jax.models import layers, lora
 from artfr_jax.models.cpu_kernels import CpuKernels
 from artfr_jax.models.kernels import Kernels
 from artfr_jax.train import sharding
-
-
-def _rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+from tests.test_unet_parity import _nchw, _nhwc, _randomise, _rel
 
 
 def _tree_rel(a, b):
@@ -215,23 +211,6 @@ TARGETS = [
     "ff.net.0.proj",
     "ff.net.2",
 ]
-
-
-def _nchw(x):
-    return torch.from_numpy(np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2))))
-
-
-def _nhwc(t):
-    return np.transpose(t.detach().numpy(), (0, 2, 3, 1))
-
-
-def _randomise(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            base = 1.0 if "norm" in name and name.endswith("weight") else 0.0
-            p.copy_(base + 0.1 * torch.randn(p.shape, generator=g))
-    return model.eval()
 
 
 def _inputs(seed=0, batch=2, seq=5):
