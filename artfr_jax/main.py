@@ -31,6 +31,8 @@ TRAINERS = {
     "vqgan": "artfr_jax.train.vqgan_trainer",
     "art": "artfr_jax.train.art_trainer",
     "vqfr": "artfr_jax.train.vqfr_trainer",
+    "osdface_vre": "artfr_jax.train.osdface_vre_trainer",
+    "osdface": "artfr_jax.train.osdface_trainer",
 }
 
 

@@ -225,3 +225,47 @@ def _conv1x1(module: PromptProjection, features: int, fan_in: int, name: str) ->
         bias_init=lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound),
         name=name,
     )
+
+
+class LatentDiscriminatorHead(nn.Module):
+    """The trainable head of OSDFace's latent discriminator (Sec. 3.3, Eqs. 15-16, after DFOSD):
+    on the frozen UNet's mid-block features of a noised latent, GroupNorm, SiLU, a 3x3 conv to
+    ``features``, SiLU and a 1x1 conv to one logit per position.
+
+    ``[B, h, w, C] -> [B, h, w]`` float32 logits (real: high).
+    """
+
+    features: int = 256
+    num_groups: int = 32
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, h: jax.Array) -> jax.Array:
+        groups = math.gcd(self.num_groups, h.shape[-1])
+        x = nn.GroupNorm(groups, epsilon=1e-5, dtype=jnp.float32, name="norm")(h)
+        x = nn.silu(x.astype(self.dtype))
+        conv = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = nn.silu(nn.Conv(self.features, (3, 3), padding=1, name="conv1", **conv)(x))
+        x = nn.Conv(1, (1, 1), name="conv2", **conv)(x)
+        return x[..., 0].astype(jnp.float32)
+
+
+def lq_prompt(
+    vre_lq: VQGAN,
+    vre_params: Any,
+    lq: jax.Array,
+    *,
+    num_tokens: int = NUM_PROMPT_TOKENS,
+    double_normalized: bool = False,
+) -> jax.Array:
+    """``p_L = VRE(I_L)`` (Eqs. 5-6) from the LQ branch alone: ``lq [B, H, W, 3]`` in [-1, 1] ->
+    ``[B, num_tokens, C]`` float32, no gradient. ``double_normalized``: the official release
+    normalises its VRE input a second time (``2 x - 1`` of the [-1, 1] image, so [-3, 1]); its
+    converted weights need that, weights trained here do not."""
+    x = 2.0 * lq - 1.0 if double_normalized else lq
+    z = vre_lq.apply({"params": vre_params}, x, method="encode")
+    codebook = vre_params["quantizer"]["codebook"].astype(jnp.float32)
+    codes, distances = nearest_codes(z, codebook)
+    p, _ = visual_prompt(codes, distances, codebook, num_tokens)
+    return jax.lax.stop_gradient(p)

@@ -408,6 +408,8 @@ class UNet(nn.Module):
       act_fn, downsample_padding, mid_block_scale_factor, resnet_out_scale_factor,
         time_embedding_dim: as in diffusers.
       remat: rematerialise each resnet and spatial transformer in the backward pass.
+      mid_only: stop after the mid block and return its output ``[B, H/f, W/f, C_last]`` float32
+        (the encoder half that a latent discriminator builds on; the up blocks' params are unused).
       dtype / param_dtype / precision / kernels: compute dtype (norm statistics, softmax and the
         timestep embedding stay float32), parameter dtype, matmul precision, kernel switch.
 
@@ -448,6 +450,7 @@ class UNet(nn.Module):
     resnet_out_scale_factor: float = 1.0
     time_embedding_dim: int | None = None
     remat: bool = False
+    mid_only: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     precision: Any = None
@@ -547,6 +550,8 @@ class UNet(nn.Module):
             name="mid_block",
             **level,
         )(x, temb, context)
+        if self.mid_only:
+            return x.astype(jnp.float32)
 
         for i, kind in enumerate(self.up_block_types):
             j = n - 1 - i  # the down level at this resolution

@@ -21,7 +21,7 @@ from artfr_jax.evaluation import metrics as metrics_lib
 from artfr_jax.losses import adversarial
 from artfr_jax.models import factory
 from artfr_jax.models.stylegan_disc import SWADiscriminator
-from artfr_jax.train import gan, kmeans, loop, optimizers, perceptual
+from artfr_jax.train import autoencoder, gan, kmeans, loop, optimizers, perceptual
 from artfr_jax.train import state as state_lib
 from artfr_jax.utils import images as image_utils
 
@@ -116,37 +116,23 @@ def train_step(state, batch, rng, frozen, *, config, vqgan, disc, lpips, tx):
 
     (recon, vq_loss), vjp_fn, aux = jax.vjp(forward, state.params["generator"], has_aux=True)
 
-    def reconstruction_loss(recon):
-        kind = lc.get("pixel_loss", "l2")
-        err = jnp.abs(recon - hq) if kind == "l1" else jnp.square(recon - hq)
-        terms = {kind: jnp.mean(err)}
-        loss = lc.pixel_weight * terms[kind]
-        if lpips is not None:
-            terms["lpips"] = jnp.mean(lpips.apply({"params": frozen["lpips"]}, recon, hq))
-            loss = loss + lc.perceptual_weight * terms["lpips"]
-        return loss, terms
+    def last_layer_norm(cotangent):
+        grads = vjp_fn((cotangent, jnp.zeros_like(vq_loss)))[0]
+        return jnp.linalg.norm(grads["decoder"]["conv_out"]["kernel"])
 
-    (nll, terms), g_recon = jax.value_and_grad(reconstruction_loss, has_aux=True)(recon)
+    nll, g_recon, terms = autoencoder.generator_cotangent(
+        recon,
+        hq,
+        frozen=frozen,
+        lpips=lpips,
+        lc=lc,
+        disc=disc,
+        d_params=d_params,
+        extras=extras,
+        gate=gate,
+        last_layer_norm=last_layer_norm,
+    )
     loss = nll + vq_loss
-    if use_adv:
-
-        def adv_loss(recon):
-            logits, _ = gan.disc_apply(disc, d_params, extras, recon, update_stats=False)
-            return adversarial.generator_adv_loss(logits, kind=lc.generator_loss)
-
-        g_adv, g_recon_adv = jax.value_and_grad(adv_loss)(recon)
-        adv_w = lc.adversarial_weight * gate
-        if lc.adaptive_adversarial_weight:
-
-            def last_layer_norm(cotangent):
-                grads = vjp_fn((cotangent, jnp.zeros_like(vq_loss)))[0]
-                return jnp.linalg.norm(grads["decoder"]["conv_out"]["kernel"])
-
-            ratio = last_layer_norm(g_recon) / (last_layer_norm(g_recon_adv) + 1e-4)
-            adv_w = adv_w * jax.lax.stop_gradient(jnp.clip(ratio, 0.0, 1e4))
-        g_recon = g_recon + adv_w * g_recon_adv
-        loss = loss + adv_w * g_adv
-        terms.update(g_adv=g_adv, adv_weight=adv_w)
     g_grads = vjp_fn((g_recon, jnp.ones_like(vq_loss)))[0]
     terms.update(vq_loss=vq_loss, perplexity=aux["perplexity"], usage=aux["usage"])
 
