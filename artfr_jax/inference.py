@@ -380,7 +380,7 @@ def load_converted_osdface(folder: str) -> OSDFaceRestorer:
         projection=r["projection"],
         projection_params=r["projection_params"],
         schedule=r["schedule"],
-        image_size=512,
+        image_size=r.get("vre_resolution", 512),
         lora=r["lora"],
         lora_scale=r["lora_scale"],
         timestep=r["timestep"],

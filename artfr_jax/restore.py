@@ -1,8 +1,8 @@
 """Restores a face image or a folder of face images with a trained model.
 
-    python -m artfr_jax.restore (--workdir=DIR | --weights=vqfr_v1.msgpack) \\
+    python -m artfr_jax.restore (--workdir=DIR | --weights=vqfr_v1.msgpack | --weights=OSDFACE_DIR) \\
         --input=FILE_OR_FOLDER --output=DIR [--steps=8] [--temperature=0] [--batch_size=8] [--seed=0] \\
-        [--side_by_side|--noside_by_side] [--overwrite] [--method=auto|art|vqfr] [--texture]
+        [--side_by_side|--noside_by_side] [--overwrite] [--method=auto|art|vqfr|osdface] [--texture]
 
 Flags may be spelt with underscores or dashes (``--batch_size`` or ``--batch-size``).
 
@@ -21,10 +21,11 @@ Flags may be spelt with underscores or dashes (``--batch_size`` or ``--batch-siz
 * Each unreadable file is reported as one line ``<path>: <reason>`` on stderr; the run goes on.
   The last line is ``restored N of M images into DIR; K failed``.
 
-``--method`` defaults to the method the workdir was trained with (ART-FR or VQFR); ``--steps`` and
-``--temperature`` only affect ART-FR, ``--texture`` writes VQFR's texture-branch output.
-``--weights`` instead of ``--workdir`` restores with official VQFR v1 weights converted by
-``python -m artfr_jax.convert.vqfr --arch=vqfr_v1`` (512 px, the paper configuration).
+``--method`` defaults to the method the workdir was trained with (ART-FR, VQFR or OSDFace);
+``--steps`` and ``--temperature`` only affect ART-FR, ``--texture`` writes VQFR's texture-branch
+output. ``--weights`` instead of ``--workdir`` restores with official weights: a VQFR v1 file
+converted by ``python -m artfr_jax.convert.vqfr --arch=vqfr_v1``, or the OSDFace release folder
+written by ``python -m artfr_jax.convert.osdface`` (both 512 px, the paper configurations).
 
 Exit status: 0 all restored (or kept), 1 some files failed, 2 usage error (bad flag, missing input,
 no candidate files, output inside the input folder, workdir without a usable checkpoint).
@@ -425,9 +426,14 @@ def _load_restorer(
     texture: bool = False,
     weights: str | None = None,
 ) -> Restorer:
-    """The model of a workdir, or of a converted VQFR weights file; tests replace this function."""
+    """The model of a workdir, or of converted official weights (a VQFR v1 file or an OSDFace
+    folder); tests replace this function."""
     from artfr_jax import inference  # the model code is only needed when actually restoring
 
+    if weights and os.path.isdir(weights):
+        if texture:
+            raise ValueError("--texture is a VQFR option; --weights names an OSDFace folder")
+        return inference.load_converted_osdface(weights)
     if weights:
         return inference.load_converted_vqfr(weights, texture=texture)
     return inference.load_restorer(
@@ -442,8 +448,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_string(
         "weights",
         None,
-        "Instead of --workdir: official VQFR v1 weights converted by "
-        "`python -m artfr_jax.convert.vqfr --arch=vqfr_v1` (512 px).",
+        "Instead of --workdir: official weights, a VQFR v1 file converted by "
+        "`python -m artfr_jax.convert.vqfr --arch=vqfr_v1` or an OSDFace folder written by "
+        "`python -m artfr_jax.convert.osdface` (512 px).",
         flag_values=fv,
     )
     flags.DEFINE_string(
@@ -465,7 +472,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_enum(
         "method",
         "auto",
-        ["auto", "art", "vqfr"],
+        ["auto", "art", "vqfr", "osdface"],
         "Restoration method; 'auto' reads it from the workdir's config.",
         flag_values=fv,
     )
@@ -489,10 +496,13 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues | None = None) -> in
     except ValueError as e:
         return cli_lib.usage_error(str(e))
     logging.info("%d candidate file(s) in %s", len(paths), fv.input)
-    if fv.weights and fv.method not in ("auto", "vqfr"):
-        return cli_lib.usage_error(
-            f"--weights holds VQFR v1 params; --method={fv.method} is not 'vqfr'"
-        )
+    if fv.weights:
+        held = "osdface" if os.path.isdir(fv.weights) else "vqfr"
+        if fv.method not in ("auto", held):
+            what = "an OSDFace release folder" if held == "osdface" else "VQFR v1 params"
+            return cli_lib.usage_error(
+                f"--weights holds {what}; --method={fv.method} is not '{held}'"
+            )
     try:
         kw = {"method": fv.method, "texture": True} if fv.texture else {"method": fv.method}
         if fv.weights:

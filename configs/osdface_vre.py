@@ -6,7 +6,8 @@ latent 512, codebook 1024 x 512 (256 tokens per face); L1 + LPIPS (lambda_per = 
 (lambda_dis = 0.8, the non-saturating loss of Eq. 7) + VQ (beta = 0.25); Adam 1.44e-4, batch 32;
 the HQ dictionary for 50 epochs, the LQ one for 10, then 10 epochs with the association loss
 (lambda_assoc = 1, Eqs. 9-11). An epoch of FFHQ (70,000 faces) at batch 32 is 2,187.5 steps:
-``config.phases`` holds 109,375 / 21,875 / 21,875 steps. The paper does not say which networks
+``config.phases`` holds 109,375 HQ and 21,875 LQ steps, and the association phase runs
+the remaining 21,875 of ``num_train_steps``. The paper does not say which networks
 the association epochs train; both autoencoders do here (``phases.association_trains``). It does
 not say when the GAN term starts either: with taming-transformers' adaptive weight it starts at
 step 0 of each branch's phase here (``loss.adversarial_start``). bfloat16 compute, float32
@@ -47,9 +48,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.seed = 0
     config.distributed = False
     config.batch_size = 32
-    # HQ dictionary, LQ dictionary, association (steps); num_train_steps is their sum.
+    # Steps of the HQ-dictionary and LQ-dictionary phases; the association phase is the rest.
     config.phases = ml_collections.ConfigDict(
-        dict(hq=109_375, lq=21_875, association=21_875, association_trains=("hq", "lq"))
+        dict(hq=109_375, lq=21_875, association_trains=("hq", "lq"))
     )
     config.num_train_steps = 153_125
     config.log_every = 100
@@ -102,7 +103,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg == "smoke":
         config.data = pipeline.default_config(image_size=64, preset="osdface")
         config.batch_size = 8
-        config.phases.update(hq=120, lq=120, association=60)
+        config.phases.update(hq=120, lq=120)
         config.num_train_steps = 300
         config.log_every = 25
         config.eval_every = 100
@@ -127,7 +128,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.data = pipeline.default_config(image_size=32, preset="osdface")
         config.data.num_workers = 0
         config.batch_size = 8
-        config.phases.update(hq=2, lq=2, association=2)
+        config.phases.update(hq=2, lq=2)
         config.num_train_steps = 6
         config.log_every = 2
         config.eval_every = 3

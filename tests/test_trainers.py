@@ -144,6 +144,14 @@ class TestVQFR(TrainerTests):
     trainer = TRAINERS["vqfr"]
 
 
+class TestOSDFaceVRE(TrainerTests):
+    trainer = TRAINERS["osdface_vre"]
+
+
+class TestOSDFace(TrainerTests):
+    trainer = TRAINERS["osdface"]
+
+
 def test_every_trainer_is_tested():
     from artfr_jax import main
 

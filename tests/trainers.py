@@ -53,12 +53,11 @@ class Trainer:
         return self.module.make_stage(config)
 
     def train_stage1(self, workdir: str) -> str:
-        """Trains the tiny stage-I tokenizer of this trainer's tiny config into ``workdir``."""
-        from artfr_jax.train import vqgan_trainer  # noqa: PLC0415
-
+        """Trains the tiny stage-I model of this trainer's tiny config into ``workdir``."""
         config = self.tiny_config().stage1.config
         config.eval_every = 0
-        vqgan_trainer.train_and_evaluate(config, workdir)
+        module = importlib.import_module(f"artfr_jax.train.{config.trainer}_trainer")
+        module.train_and_evaluate(config, workdir)
         return workdir
 
 
@@ -97,6 +96,29 @@ TRAINERS = {
             },
             watch="rec_main",
             all_terms_step=16,
+        ),
+        Trainer(
+            name="osdface_vre",
+            config="osdface_vre",
+            stage1=False,
+            eval_keys=("hq_psnr", "lq_psnr", "hq_ssim", "assoc_acc", "prompt_codes"),
+            learn={
+                "phases.hq": 1000,
+                "num_train_steps": 1000,
+                "loss.adversarial_weight": 0.0,
+                "optimizer.learning_rate": 3e-3,
+            },
+            watch="hq_l1",
+            all_terms_step=4,  # the association phase of the tiny config
+        ),
+        Trainer(
+            name="osdface",
+            config="osdface",
+            stage1=True,
+            eval_keys=("psnr", "ssim", "psnr_input"),
+            learn={"loss.gan_weight": 0.0, "optimizer.learning_rate": 1e-2},
+            watch="mse",
+            all_terms_step=0,
         ),
     )
 }

@@ -293,8 +293,9 @@ def vre_params_from_state_dict(
     """The LQ autoencoder under ``prefix`` -> params of ``VQGAN(**kwargs)`` (kwargs default:
     :func:`vre_kwargs_from_state_dict`). Encoder, ``quant_conv`` and codebook are required; the
     decoder and ``post_quant_conv`` are converted when the file has them (``'decoder' in params``
-    tells), else left out (restoration never decodes VQ codes). Keys of other prefixes are
-    ignored, like the official loader; an unknown key in the encoder is an error."""
+    tells), else left out (restoration never decodes VQ codes). Other keys (other prefixes,
+    extra ``quantize.*`` buffers) are ignored, as the official ``load_state_dict(strict=False)``
+    ignores them; an unknown key in the encoder or ``quant_conv`` is an error."""
     kw = (
         dict(kwargs)
         if kwargs is not None
@@ -767,7 +768,7 @@ def load_release(
         lora_scale = float(meta["lora"]["alpha"]) / float(meta["lora"]["rank"])
 
     def cast(tree):
-        return jax.tree_util.tree_map(lambda a: np.asarray(a).astype(np_dtype), tree)
+        return jax.tree_util.tree_map(lambda a: np.asarray(a).astype(np_dtype, copy=False), tree)
 
     return {
         "unet": unet,
