@@ -46,7 +46,7 @@ def run(config, workdir: str):
     if stage1.needs_training(config, workdir):
         directory = stage1.stage1_dir(config, workdir)
         if jax.process_index() == 0:
-            console.say("Stage I first: training the tokenizer in %s", directory)
+            console.say("Stage I first: %s in %s", config.stage1.config.trainer, directory)
         run(config.stage1.config, directory)
     trainer = importlib.import_module(TRAINERS[config.trainer])
     return trainer.train_and_evaluate(config, workdir)

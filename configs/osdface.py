@@ -139,10 +139,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.stage1.update(train_if_missing=True, config=_stage1_config("smoke"))
         config.data = pipeline.default_config(image_size=64, preset="osdface")
         config.batch_size = 4
-        config.num_train_steps = 200
-        config.log_every = 25
-        config.eval_every = 100
-        config.checkpoint_every = 100
+        config.num_train_steps = 120
+        config.log_every = 20
+        config.eval_every = 60
+        config.checkpoint_every = 60
         config.model.unet = ml_collections.ConfigDict(
             dict(
                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -159,7 +159,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         )
         config.model.update(lora_rank=8, lora_alpha=8.0)
         config.discriminator.update(lora_rank=8, lora_alpha=8.0, head_features=64)
-        config.optimizer.update(learning_rate=1e-3, disc_learning_rate=1e-4)
+        config.optimizer.update(learning_rate=2e-3, disc_learning_rate=1e-4)
         config.eval.update(num_images=16, batch_size=8)
     elif arg == "tiny":
         config.stage1.update(train_if_missing=True, config=_stage1_config("tiny"))

@@ -18,7 +18,7 @@ parameters (``config.model.dtype``; the variants: float32).
 
 Stage II (``configs/osdface.py``) takes the LQ encoder and dictionary of this workdir.
 
-Variants: ``smoke`` (64 px, 16 x 16 tokens, the three phases in 300 steps on the CPU; LPIPS only
+Variants: ``smoke`` (64 px, 16 x 16 tokens, the three phases in 160 steps on the CPU; LPIPS only
 when ``loss.lpips_weights`` is given), ``tiny`` (the tests').
 """
 
@@ -103,11 +103,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg == "smoke":
         config.data = pipeline.default_config(image_size=64, preset="osdface")
         config.batch_size = 8
-        config.phases.update(hq=120, lq=120)
-        config.num_train_steps = 300
-        config.log_every = 25
-        config.eval_every = 100
-        config.checkpoint_every = 100
+        config.phases.update(hq=80, lq=50)
+        config.num_train_steps = 160
+        config.log_every = 20
+        config.eval_every = 80
+        config.checkpoint_every = 80
         config.model = _model(
             base_channels=32,
             channel_multipliers=(1, 2, 2),
