@@ -104,7 +104,7 @@ TRAINERS = {
             eval_keys=("hq_psnr", "lq_psnr", "hq_ssim", "assoc_acc", "prompt_codes"),
             learn={
                 "phases.hq": 1000,
-                "num_train_steps": 1000,
+                "num_train_steps": 2000,
                 "loss.adversarial_weight": 0.0,
                 "optimizer.learning_rate": 3e-3,
             },
