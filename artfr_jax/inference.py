@@ -166,6 +166,16 @@ def device_mesh() -> jax.sharding.Mesh:
     )
 
 
+def _checked_batch(lq: np.ndarray, size: int, who: str) -> np.ndarray:
+    """``lq`` as uint8 ``[B, size, size, 3]``, or a one-line ValueError naming ``who``."""
+    lq = np.asarray(lq)
+    if lq.dtype != np.uint8 or lq.ndim != 4 or lq.shape[1:] != (size, size, 3):
+        raise ValueError(
+            f"{who}: expected uint8 [B, {size}, {size}, 3], got {lq.dtype} {list(lq.shape)}"
+        )
+    return lq
+
+
 class Restorer:
     """``restorer(lq uint8 [B, S, S, 3], rng) -> uint8 [B, S, S, 3]`` with ``S = image_size``."""
 
@@ -186,12 +196,7 @@ class Restorer:
         self.mesh = device_mesh()
 
     def __call__(self, lq: np.ndarray, rng: jax.Array) -> np.ndarray:
-        lq = np.asarray(lq)
-        s = self.image_size
-        if lq.dtype != np.uint8 or lq.ndim != 4 or lq.shape[1:] != (s, s, 3):
-            raise ValueError(
-                f"Restorer: expected uint8 [B, {s}, {s}, 3], got {lq.dtype} {list(lq.shape)}"
-            )
+        lq = _checked_batch(lq, self.image_size, "Restorer")
         with jax.set_mesh(self.mesh):
             out = self._run(self.art_params, self.tokenizer_params, lq, rng)
         return np.asarray(jax.device_get(out))
@@ -218,12 +223,7 @@ class VQFRRestorer:
 
     def __call__(self, lq: np.ndarray, rng: jax.Array) -> np.ndarray:
         del rng
-        lq = np.asarray(lq)
-        s = self.image_size
-        if lq.dtype != np.uint8 or lq.ndim != 4 or lq.shape[1:] != (s, s, 3):
-            raise ValueError(
-                f"VQFRRestorer: expected uint8 [B, {s}, {s}, 3], got {lq.dtype} {list(lq.shape)}"
-            )
+        lq = _checked_batch(lq, self.image_size, "VQFRRestorer")
         with jax.set_mesh(self.mesh):
             return np.asarray(jax.device_get(self._run(self.params, lq)))
 
@@ -299,12 +299,7 @@ class OSDFaceRestorer:
         self.mesh = device_mesh()
 
     def __call__(self, lq: np.ndarray, rng: jax.Array) -> np.ndarray:
-        lq = np.asarray(lq)
-        s = self.image_size
-        if lq.dtype != np.uint8 or lq.ndim != 4 or lq.shape[1:] != (s, s, 3):
-            raise ValueError(
-                f"OSDFaceRestorer: expected uint8 [B, {s}, {s}, 3], got {lq.dtype} {list(lq.shape)}"
-            )
+        lq = _checked_batch(lq, self.image_size, "OSDFaceRestorer")
         with jax.set_mesh(self.mesh):
             return np.asarray(jax.device_get(self._run(self.params, lq, rng)))
 
