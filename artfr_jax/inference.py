@@ -56,7 +56,7 @@ def load_tokenizer(
 
 def stage1_workdir(config: Mapping[str, Any], workdir: str) -> str:
     """The stage-I workdir a stage-II config names (``stage1.workdir``, else ``<workdir>/stage1``)."""
-    return os.path.abspath(config["stage1"]["workdir"] or os.path.join(workdir, "stage1"))
+    return workdirs.resolve(config["stage1"]["workdir"] or workdirs.join(workdir, "stage1"))
 
 
 def abstract_art_params(art: ARTFR, image_size: int):
@@ -420,7 +420,7 @@ def load_restorer(
     Raises FileNotFoundError / ValueError with a one-line message when ``workdir`` has no stage-II
     checkpoint, holds another method, or its stage-I tokenizer cannot be found.
     """
-    workdir = os.path.abspath(workdir)
+    workdir = workdirs.resolve(workdir)
     ckdir = workdirs.checkpoint_dir(workdir)
     if workdirs.latest_step(ckdir) is None:
         raise FileNotFoundError(f"{workdir}: no checkpoint (expected {ckdir}/<step>/)")

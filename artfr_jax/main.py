@@ -25,6 +25,13 @@ from artfr_jax.utils import compile_cache, console, host_memory  # noqa: E402
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Python config file (configs/NAME.py[:VARIANT]).")
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
+flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "host:port of process 0, for multi-process runs started by hand (e.g. two hosts).",
+)
+flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
+flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 TRAINERS = {
@@ -52,13 +59,37 @@ def run(config, workdir: str):
     return trainer.train_and_evaluate(config, workdir)
 
 
+def initialize_distributed(from_cluster: bool) -> None:
+    """``jax.distributed.initialize`` with the command's flags when they are given, or with the
+    cluster's own description (TPU pod slice, SLURM, ...) when ``config.distributed`` is set."""
+    given = {
+        "coordinator_address": FLAGS.coordinator_address,
+        "num_processes": FLAGS.num_processes,
+        "process_id": FLAGS.process_id,
+    }
+    if any(v is not None for v in given.values()):
+        missing = [f"--{k}" for k, v in given.items() if v is None]
+        if missing:
+            raise app.UsageError(
+                f"multi-process flags: {', '.join(missing)} missing (give --coordinator_address, "
+                "--num_processes and --process_id together)"
+            )
+        if not 0 <= FLAGS.process_id < FLAGS.num_processes:
+            raise app.UsageError(
+                f"--process_id={FLAGS.process_id}: expected 0 <= id < --num_processes="
+                f"{FLAGS.num_processes}"
+            )
+        jax.distributed.initialize(**given)
+    elif from_cluster:
+        jax.distributed.initialize()
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     config = FLAGS.config
     console.route_logs(FLAGS.verbosity)
-    if config.get("distributed", False):
-        jax.distributed.initialize()
+    initialize_distributed(config.get("distributed", False))
     log_file = console.log_to_file(FLAGS.workdir, jax.process_index())
     logging.info("XLA compilation cache: %s", compile_cache.enable_persistent_cache() or "off")
     logging.info(

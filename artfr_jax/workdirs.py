@@ -16,15 +16,33 @@ from etils import epath
 ITEMS = ("state", "data", "config")
 
 
+def resolve(path: str) -> str:
+    """A local path made absolute; ``gs://`` and other URIs as given."""
+    return path if "://" in path else os.path.abspath(path)
+
+
+def join(path: str, *names: str) -> str:
+    """``path/name/...`` for local paths and URIs alike."""
+    return os.fspath(epath.Path(path).joinpath(*names))
+
+
 def checkpoint_dir(workdir: str) -> str:
     """``WORKDIR/checkpoints``; local paths made absolute, ``gs://`` and other URIs kept."""
-    if "://" not in workdir:
-        workdir = os.path.abspath(workdir)
-    return os.fspath(epath.Path(workdir) / "checkpoints")
+    return join(resolve(workdir), "checkpoints")
 
 
 def _manager(directory: str) -> ocp.CheckpointManager:
-    return ocp.CheckpointManager(directory, item_names=ITEMS)
+    """A reader of ``directory`` for this process alone: reading a workdir never waits for the
+    other processes of a multi-process job (only training saves are collective)."""
+    me = jax.process_index()
+    options = ocp.CheckpointManagerOptions(
+        create=False,
+        read_only=True,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"read{me}"
+        ),
+    )
+    return ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
 
 
 def latest_step(directory: str) -> int | None:

@@ -76,7 +76,7 @@ from flax import traverse_util  # noqa: E402
 from artfr_jax import inference  # noqa: E402
 from artfr_jax.evaluation import arcface  # noqa: E402
 from artfr_jax.losses import dists as dists_lib  # noqa: E402
-from artfr_jax.models import factory, lora, osdface  # noqa: E402
+from artfr_jax.models import factory, lora  # noqa: E402
 from artfr_jax.models.unet import UNet  # noqa: E402
 from artfr_jax.models.vae import AutoencoderKL  # noqa: E402
 from artfr_jax.sampling import noise_schedule  # noqa: E402
@@ -115,26 +115,10 @@ def build_networks(config: ml_collections.ConfigDict, with_arcface: bool = False
     unet = UNet(**_fields(m.unet), remat=remat, **sd_pol)
     vae = AutoencoderKL(**_fields(m.vae), remat=remat, **sd_pol)
     vre = factory.tokenizer(config.stage1.config.model.to_dict(), policy_from=m.to_dict())
-    g_cfg, d_cfg = osdface_trainer.lora_configs(config)
-    pol = factory.policy(m)
-    return osdface_trainer.Networks(
-        unet=unet,
-        vae=vae,
-        vre=vre,
-        projection=inference.osdface_projection(m, vre, unet),
-        head=osdface.LatentDiscriminatorHead(
-            features=config.discriminator.head_features,
-            dtype=pol["dtype"],
-            param_dtype=pol["param_dtype"],
-        ),
-        g_lora=g_cfg,
-        d_lora=d_cfg,
-        arcface=(
-            arcface.arcface_module(config.loss.arcface_arch, dtype=pol["dtype"])
-            if with_arcface
-            else None
-        ),
-    )
+    arc = None
+    if with_arcface:
+        arc = arcface.arcface_module(config.loss.arcface_arch, dtype=factory.policy(m)["dtype"])
+    return osdface_trainer.make_networks(config, unet, vae, vre, arc)
 
 
 def frozen_init_fns(nets) -> dict:

@@ -43,7 +43,7 @@ def test_default_config_fields():
         "seed_offset",
     ]:
         assert f in c, f
-    assert c.source == "synthetic" and c.image_size == 512 and c.num_workers == 2
+    assert c.source == "synthetic" and c.image_size == 512 and c.num_workers == -1
     assert tuple(c.degradation.blur_sigma) == (0.2, 10.0)
 
 
@@ -69,6 +69,24 @@ def test_processes_get_disjoint_shards():
         )
         seen.extend(img.tobytes() for b in _take(it, 2) for img in b["hq"])  # one epoch each
     assert len(set(seen)) == 8  # every training face exactly once across both processes
+
+
+def test_a_global_batch_is_the_same_for_any_process_count():
+    """Process i feeds block i of each global batch: concatenated in process order, the
+    processes' batches are the one-process batches (same examples, rows and degradations)."""
+    cfg = _cfg(n=10)  # not a multiple of the batch: epochs straddle batches
+    one = _take(data.make_train_iterator(cfg, global_batch_size=4, seed=1), 4)
+    for count in (2, 4):
+        its = [
+            data.make_train_iterator(
+                cfg, global_batch_size=4, seed=1, process_index=p, process_count=count
+            )
+            for p in range(count)
+        ]
+        for t in range(4):
+            parts = [next(it) for it in its]
+            for k in ("hq", "lq"):
+                np.testing.assert_array_equal(np.concatenate([b[k] for b in parts]), one[t][k])
 
 
 def test_deterministic_for_seed():
@@ -153,7 +171,8 @@ def test_folder_source_holdout_and_bad_file(tmp_path):
 
 def test_config_errors(tmp_path):
     with pytest.raises(
-        ValueError, match=r"unknown data.source 'foo' \(expected synthetic\|folder\|tfds\)"
+        ValueError,
+        match=r"unknown data.source 'foo' \(expected synthetic\|folder\|tfds\|array_record\)",
     ):
         data.make_train_iterator(_cfg(source="foo"), global_batch_size=2, seed=0)
     with pytest.raises(ValueError, match=r"data.folder '/no/such' does not exist"):
@@ -167,7 +186,10 @@ def test_config_errors(tmp_path):
         data.make_train_iterator(_cfg(source="tfds"), global_batch_size=2, seed=0)
 
 
-def test_resume_with_other_worker_count_is_a_clear_error(tmp_path):
+def test_resume_with_other_worker_count_continues_the_same_batches(tmp_path):
+    """Batches do not depend on the worker count, so a state saved with 2 workers resumes
+    in-process (another host's auto count) exactly; a state from another process count is a
+    one-line error naming the checkpoint."""
     import jax
     import jax.numpy as jnp
 
@@ -177,19 +199,41 @@ def test_resume_with_other_worker_count_is_a_clear_error(tmp_path):
     shardings = {"w": jax.sharding.SingleDeviceSharding(jax.devices()[0])}
     saved = data.make_train_iterator(_cfg(num_workers=2), global_batch_size=2, seed=0)
     try:
-        _take(saved, 2)
+        before = _take(saved, 2)
         manager = ckpt_lib.make_manager(str(tmp_path), async_save=False)
         ckpt_lib.save(manager, 2, state, saved, _cfg(num_workers=2))
         after = _take(saved, 2)
     finally:
         saved.close()
-    same = data.make_train_iterator(_cfg(num_workers=2), global_batch_size=2, seed=0)
-    try:
-        _, step = ckpt_lib.restore(manager, state, shardings, same)
-        assert step == 2 and _equal(after, _take(same, 2))
-    finally:
-        same.close()
+    in_process = data.make_train_iterator(_cfg(num_workers=0), global_batch_size=2, seed=0)
+    assert _equal(before, _take(in_process, 2))
     other = data.make_train_iterator(_cfg(num_workers=0), global_batch_size=2, seed=0)
-    with pytest.raises(ValueError, match=r"checkpoints/2/data: .*saved with data.num_workers=2"):
-        ckpt_lib.restore(manager, state, shardings, other)
+    _, step = ckpt_lib.restore(manager, state, shardings, other)
+    assert step == 2 and _equal(after, _take(other, 2))
+    two_hosts = data.make_train_iterator(
+        _cfg(num_workers=0), global_batch_size=2, seed=0, process_count=2
+    )
+    with pytest.raises(ValueError, match=r"checkpoints/2/data: .*saved by process 0 of 1"):
+        ckpt_lib.restore(manager, state, shardings, two_hosts)
     manager.close()
+
+
+def test_state_is_a_position_and_survives_a_batch_size_change():
+    it = data.make_train_iterator(_cfg(), global_batch_size=4, seed=2)
+    _take(it, 3)
+    assert it.get_state()["next_record"] == 12
+    flat = [img.tobytes() for b in _take(it, 2) for img in b["lq"]]
+    smaller = data.make_train_iterator(_cfg(), global_batch_size=2, seed=2)
+    smaller.set_state({"next_index": 12})  # grain's in-process state from older checkpoints
+    assert flat == [img.tobytes() for b in _take(smaller, 4) for img in b["lq"]]
+
+
+def test_resolve_num_workers():
+    assert data.resolve_num_workers(0) == 0 and data.resolve_num_workers(3) == 3
+    auto = data.AUTO_WORKERS
+    assert [data.resolve_num_workers(auto, cpus=n) for n in (1, 2, 3, 8, 200)] == [0, 1, 1, 6, 32]
+    assert data.resolve_num_workers(auto) == data.resolve_num_workers(
+        auto, cpus=data.available_cpus()
+    )
+    with pytest.raises(ValueError, match=r"data.num_workers must be >= 0, or -1 for auto, got -2"):
+        data.resolve_num_workers(-2)

@@ -34,3 +34,9 @@ def test_batch_is_split_over_all_devices():
     assert out.shape == (16, 2, 2, 3)
     assert {s.data.shape[0] for s in out.addressable_shards} == {2}
     np.testing.assert_array_equal(np.asarray(out), batch["hq"])
+
+
+def test_one_process_feeds_every_row_of_the_batch():
+    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=4, fsdp=2)), jax.devices()[:8])
+    assert sharding.process_rows(mesh, 16) == slice(0, 16)
+    assert sharding.data_shard(mesh, 16) == (0, 1)

@@ -62,10 +62,11 @@ def init_state(rng, mesh, *, config, art, tx, stage1_params, init_params=None):
     )
     params = dict(state.params["art"])
     if init_params is not None:
-        params = jax.tree.map(lambda x: jnp.array(x, copy=True), dict(init_params))
+        params = jax.tree.map(np.array, dict(init_params))
     elif config.model.init_lq_encoder_from_stage1:
-        # Fresh buffers: the frozen tokenizer keeps its own, and the state's are donated.
-        copy = lambda tree: jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+        # Host copies: the frozen tokenizer keeps its own buffers (the state's are donated), and
+        # host values reach the devices of every process.
+        copy = lambda tree: jax.tree.map(np.array, tree)
         params["lq_encoder"] = {
             "encoder": copy(stage1_params["encoder"]),
             "quant_conv": copy(stage1_params["quant_conv"]),

@@ -75,22 +75,22 @@ def restore(
     return restored["state"], step
 
 
-def _saved_worker_count(directory: str) -> str:
-    """Best effort: how many grain worker processes the saved iterator state came from."""
+def _saved_setting(directory: str) -> str:
+    """Best effort: the process count and batch size the saved iterator state came from."""
     try:
         name = sorted(f for f in os.listdir(directory) if f.endswith(".json"))[0]
         with open(os.path.join(directory, name)) as f:
             saved = json.load(f)
-        return str(len(saved.get("iterators_in_use_states") or []))  # absent without workers
-    except (OSError, IndexError, ValueError, AttributeError):
-        return "unknown"
+        return f"process_count={saved['process_count']}, per-process batch={saved['batch_size']}"
+    except (OSError, IndexError, ValueError, KeyError, TypeError):
+        return "unknown settings"
 
 
 def _restore_data(manager: ocp.CheckpointManager, step: int, data_iterator: Any) -> None:
-    """Puts the saved grain iterator state into ``data_iterator``, or raises a one-line error.
+    """Puts the saved data-iterator position into ``data_iterator``, or raises a one-line error.
 
-    The state only fits a pipeline built with the same data settings: grain keeps one position per
-    worker process, so a run saved with ``data.num_workers=2`` cannot continue with 0.
+    The position is a record count in the run's global example stream, so it resumes with any
+    number of data workers; the source, the seed and the number of processes must stay.
     """
     try:
         manager.restore(
@@ -100,7 +100,6 @@ def _restore_data(manager: ocp.CheckpointManager, step: int, data_iterator: Any)
         directory = os.path.join(str(manager.directory), str(step), "data")
         raise ValueError(
             f"{directory}: the saved data-iterator state does not fit this run's data pipeline "
-            f"({type(e).__name__}: {e}); it was saved with data.num_workers="
-            f"{_saved_worker_count(directory)} - resume with the data settings (num_workers, "
-            "source, batch size, process count) the run started with"
+            f"({type(e).__name__}: {e}); it was saved with {_saved_setting(directory)} - resume "
+            "with the data source, seed and number of processes the run started with"
         ) from None

@@ -12,7 +12,6 @@ the step number at every step) and the eval key (the same at every eval, so eval
 from __future__ import annotations
 
 import dataclasses
-import os
 import signal
 import sys
 import time
@@ -24,6 +23,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 from clu import parameter_overview, periodic_actions
+from etils import epath
+from jax._src import distributed as jax_distributed
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from artfr_jax import workdirs
@@ -49,7 +51,8 @@ class Stage:
     train_step(state, batch, rng, frozen) -> (state, metrics)   pure; jitted here, state donated
     eval_step(state, batch, rng, frozen) -> (sums, images)   ``sums``: per-batch sums of per-image
         metrics plus 'count' (masked by batch['mask']); ``images``: uint8 [B, H, W', 3] grid rows
-    train_iterator(seed, process_index, process_count) -> grain DatasetIterator of host batches
+    train_iterator(seed, shard_index, shard_count) -> grain DatasetIterator of this process's
+        rows of each global batch (shard ``shard_index`` of ``shard_count`` equal blocks)
     eval_batches() -> list of host batches (held-out), may be empty
     frozen: pytree of fixed arrays (e.g. LPIPS weights) passed to the steps, not trained
     """
@@ -81,18 +84,35 @@ def jit_train_step(step_fn: Callable[..., tuple[Any, dict]], state_shardings: Py
 
 
 class _Preemption:
-    """Turns SIGTERM into a flag checked between steps."""
+    """Turns SIGTERM into a stop after the current step, at the same step on every process.
+
+    One process: a Python handler sets a flag. Several: JAX's preemption sync service (started by
+    ``jax.distributed.initialize``) catches SIGTERM on any process, tells the others, and
+    :meth:`check` is true on all of them at the same step; no Python handler is installed then,
+    since it would replace the service's own.
+    """
 
     def __init__(self):
         self.requested = False
         self._previous = None
+        self._synced = jax.process_count() > 1
 
     def __enter__(self):
+        if self._synced:
+            return self
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread (e.g. some notebook runners)
             self._previous = None
         return self
+
+    def check(self, step: int) -> bool:
+        """Called after every step on every process: whether to save and stop now."""
+        if self._synced and not self.requested:
+            if multihost_utils.reached_preemption_sync_point(step):
+                logging.warning("Preemption notice: every process saves at step %d.", step)
+                self.requested = True
+        return self.requested
 
     def _handle(self, signum, frame):
         logging.warning("SIGTERM received: saving a checkpoint after the current step.")
@@ -135,19 +155,86 @@ def _pad_to_multiple(batch: dict, multiple: int) -> dict:
     return out
 
 
+_BARRIER_TIMEOUT_MS = 60 * 60 * 1000
+_barrier_count = 0
+
+
+def sync_processes(name: str) -> None:
+    """Waits until every process reaches this point (a no-op on one process).
+
+    It goes through the coordination service, not a device collective: CPU collectives (gloo) give
+    up when a peer is 30 s late, and compile times differ that much between hosts. So the loop
+    meets here before a program's first collective (after building the state, after compiling).
+    """
+    global _barrier_count
+    client = jax_distributed.global_state.client
+    if jax.process_count() == 1 or client is None:
+        return
+    _barrier_count += 1
+    client.wait_at_barrier(f"artfr_jax/{_barrier_count}/{name}", _BARRIER_TIMEOUT_MS)
+
+
+class _Compiled:
+    """A jitted step compiled at its first call for each argument shape, every process meeting
+    after the compile (:func:`sync_processes`)."""
+
+    def __init__(self, jitted, name: str):
+        self.jitted, self.name, self.compiled = jitted, name, {}
+
+    def __call__(self, *args):
+        leaves, treedef = jax.tree.flatten(args)
+        key = (treedef, tuple((np.shape(x), str(getattr(x, "dtype", type(x)))) for x in leaves))
+        if key not in self.compiled:
+            self.compiled[key] = self.jitted.lower(*args).compile()
+            sync_processes(f"{self.name} compiled")
+        return self.compiled[key](*args)
+
+
+def to_host(tree: PyTree) -> PyTree:
+    """NumPy copies of (possibly multi-process) arrays, on every process: a replicated array is
+    read from this process's copy, a split one gathered from all processes (a collective, so
+    every process calls it at the same point)."""
+
+    def leaf(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            return np.asarray(jax.device_get(x))
+        if x.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    return jax.tree.map(leaf, tree)
+
+
+def to_global(tree: PyTree, sharding) -> PyTree:
+    """``tree`` placed with ``sharding`` across every process: host (NumPy) values go straight to
+    their devices; on several processes a device array is first brought to the host, since a
+    process cannot move its own device's array onto another process's devices."""
+    if jax.process_count() > 1:
+        tree = jax.tree.map(
+            lambda x: (
+                x if isinstance(x, jax.Array) and not x.is_fully_addressable else np.asarray(x)
+            ),
+            tree,
+        )
+    return jax.device_put(tree, sharding)
+
+
 def evaluate(eval_fn, state, rng, frozen, mesh, batches: list[dict]):
-    """Runs the eval step over host batches; returns (mean metrics, first batch's grid rows)."""
+    """Runs the eval step over host batches (every process holds the same batches and feeds its
+    rows of them); returns (mean metrics, first batch's grid rows), the same on every process."""
     n_dev = mesh.shape["data"] * mesh.shape["fsdp"]
     totals: dict[str, float] = {}
     grid = None
     for i, batch in enumerate(batches):
-        device_batch = sharding_lib.global_batch_to_devices(_pad_to_multiple(batch, n_dev), mesh)
+        padded = _pad_to_multiple(batch, n_dev)
+        rows_here = sharding_lib.process_rows(mesh, len(padded["mask"]))
+        local = {k: v[rows_here] for k, v in padded.items()}
+        device_batch = sharding_lib.global_batch_to_devices(local, mesh)
         sums, rows = eval_fn(state, device_batch, jax.random.fold_in(rng, i), frozen)
-        sums = jax.device_get(sums)
-        for k, v in sums.items():
+        for k, v in to_host(sums).items():
             totals[k] = totals.get(k, 0.0) + float(v)
         if grid is None:
-            grid = np.asarray(jax.device_get(rows))[: len(batch[next(iter(batch))])]
+            grid = to_host(rows)[: len(batch[next(iter(batch))])]
     count = totals.pop("count", 0.0)
     means = {k: v / max(count, 1.0) for k, v in totals.items()}
     return means, grid
@@ -173,8 +260,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: S
 
     Returns the last eval metrics (empty if none ran).
     """
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    workdir = workdirs.resolve(workdir)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
     mesh = sharding_lib.make_mesh(config.mesh)
     sharding_lib.check_batch_size(config.batch_size, mesh)
@@ -183,13 +270,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: S
     root = jax.random.key(config.seed)
     init_rng, train_rng, eval_rng = jax.random.split(root, 3)
     state, state_shardings = stage.init_state(init_rng, mesh)
+    sync_processes(f"{stage.name} state built")
 
-    train_iter = stage.train_iterator(config.seed, jax.process_index(), jax.process_count())
+    shard, shard_count = sharding_lib.data_shard(mesh, config.batch_size)
+    train_iter = stage.train_iterator(config.seed, shard, shard_count)
     manager = ckpt_lib.make_manager(
         workdir, max_to_keep=config.max_checkpoints_to_keep, async_save=config.async_checkpointing
     )
     state, restored_step = ckpt_lib.restore(manager, state, state_shardings, train_iter)
-    start_step = int(jax.device_get(state.step))
+    start_step = int(to_host(state.step))
     total = config.num_train_steps
     if is_main:
         if restored_step is not None:
@@ -207,13 +296,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: S
     writer = writers_lib.create_writer(workdir, is_main_process=is_main)
     if start_step == 0:
         writer.write_hparams(dict(_flatten(config.to_dict())))
-        parameter_overview.log_parameter_overview(state.params)
+        # Statistics would fetch every parameter; across processes only shapes are logged.
+        parameter_overview.log_parameter_overview(
+            state.params, include_stats=jax.process_count() == 1
+        )
 
     repl = sharding_lib.replicated(mesh)
     batch_sh = sharding_lib.batch_sharding(mesh)
-    frozen = jax.device_put(stage.frozen, repl)
-    train_fn = jit_train_step(stage.train_step, state_shardings, mesh)
-    eval_fn = jax.jit(stage.eval_step, in_shardings=(state_shardings, batch_sh, repl, repl))
+    frozen = to_global(stage.frozen, repl)
+    train_fn = _Compiled(jit_train_step(stage.train_step, state_shardings, mesh), "train step")
+    eval_fn = _Compiled(
+        jax.jit(
+            stage.eval_step,
+            in_shardings=(state_shardings, batch_sh, repl, repl),
+            out_shardings=(repl, batch_sh),
+        ),
+        "eval step",
+    )
     eval_batches = stage.eval_batches() if config.eval_every else []
 
     hooks = []
@@ -242,7 +341,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: S
         writer.write_scalars(step, {f"eval/{k}": v for k, v in means.items()})
         if is_main and grid is not None:
             writer.write_images(step, {"eval/grid": grid[None] if grid.ndim == 3 else grid})
-            path = os.path.join(workdir, "samples", f"{stage.name}_step{step:07d}.png")
+            path = workdirs.join(workdir, "samples", f"{stage.name}_step{step:07d}.png")
             image_utils.save_grid(grid, path)
         if is_main:
             shown = " ".join(f"{k}={v:.4g}" for k, v in means.items())
@@ -268,9 +367,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: S
 
                 at_end = step == total
                 log_now = step % config.log_every == 0 or at_end
-                save_now = step % config.checkpoint_every == 0 or at_end or preemption.requested
+                stop_now = preemption.check(step)
+                save_now = step % config.checkpoint_every == 0 or at_end or stop_now
                 if log_now or save_now:
-                    history = [(s, jax.device_get(m)) for s, m in history]
+                    history = [(s, to_host(m)) for s, m in history]
                     _check_finite(history)
                 if log_now:
                     means = _mean_metrics(history)
@@ -281,7 +381,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: S
                     run_eval(step)
                 if save_now:
                     ckpt_lib.save(manager, step, state, train_iter, config, force=True)
-                if preemption.requested:
+                if stop_now:
                     logging.warning("Stopping at step %d after SIGTERM; checkpoint saved.", step)
                     break
             writer.flush()
@@ -298,7 +398,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: S
             stage.name,
             step,
             workdirs.checkpoint_dir(workdir),
-            os.path.join(workdir, "samples"),
+            workdirs.join(workdir, "samples"),
             workdir,
         )
     return last_eval

@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from jax.experimental import multihost_utils
 
 from artfr_jax import inference, workdirs
 from artfr_jax.evaluation import arcface
@@ -67,7 +68,11 @@ def write_random_base(config, workdir: str) -> None:
     from artfr_jax.convert import diffusers_sd  # noqa: PLC0415
 
     folder = inference.base_weights_dir(workdir)
-    if all(os.path.isfile(os.path.join(folder, f"{c}.msgpack")) for c in ("unet", "vae")):
+    written = all(os.path.isfile(os.path.join(folder, f"{c}.msgpack")) for c in ("unet", "vae"))
+    if jax.process_count() > 1:  # process 0 decides and writes; the others wait for the files
+        loop.sync_processes("base weights checked")
+        written = bool(multihost_utils.broadcast_one_to_all(np.bool_(written)))
+    if written:
         return
     m = config.model
     unet_kw = {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in m.unet.items()}
@@ -87,6 +92,8 @@ def write_random_base(config, workdir: str) -> None:
             os.path.join(folder, "unet.msgpack"), "unet", unet_kw, unet_params
         )
         diffusers_sd.save_converted(os.path.join(folder, "vae.msgpack"), "vae", vae_kw, vae_params)
+    if jax.process_count() > 1:
+        loop.sync_processes("base weights written")
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
@@ -298,6 +305,27 @@ def _optional_losses(config) -> tuple[dict, object]:
     return frozen, module
 
 
+def make_networks(config, unet, vae, vre, arcface_module=None) -> Networks:
+    """:class:`Networks` around the frozen UNet, VAE and VRE: the prompt projection, the
+    discriminator head and both LoRA configs from ``config``."""
+    g_cfg, d_cfg = lora_configs(config)
+    pol = factory.policy(config.model)
+    return Networks(
+        unet=unet,
+        vae=vae,
+        vre=vre,
+        projection=inference.osdface_projection(config.model, vre, unet),
+        head=osdface.LatentDiscriminatorHead(
+            features=config.discriminator.head_features,
+            dtype=pol["dtype"],
+            param_dtype=pol["param_dtype"],
+        ),
+        g_lora=g_cfg,
+        d_lora=d_cfg,
+        arcface=arcface_module,
+    )
+
+
 def make_stage(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
     from artfr_jax.train import stage1  # noqa: PLC0415
 
@@ -305,7 +333,7 @@ def make_stage(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
         raise ValueError(
             f"config.model.init={config.model.init!r}: expected 'pretrained' or 'random'"
         )
-    workdir = os.path.abspath(workdir)
+    workdir = workdirs.resolve(workdir)
     directory = stage1.stage1_dir(config, workdir)
     if workdirs.latest_step(workdirs.checkpoint_dir(directory)) is None:
         raise FileNotFoundError(
@@ -325,23 +353,8 @@ def make_stage(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
             f"{vae.downsample_factor * unet.downsample_factor} (VAE x UNet downsampling)"
         )
     unet = unet.clone(remat=config.model.remat)
-    g_cfg, d_cfg = lora_configs(config)
-    pol = factory.policy(config.model)
     extra, arcface_module = _optional_losses(config)
-    nets = Networks(
-        unet=unet,
-        vae=vae,
-        vre=vre,
-        projection=inference.osdface_projection(config.model, vre, unet),
-        head=osdface.LatentDiscriminatorHead(
-            features=config.discriminator.head_features,
-            dtype=pol["dtype"],
-            param_dtype=pol["param_dtype"],
-        ),
-        g_lora=g_cfg,
-        d_lora=d_cfg,
-        arcface=arcface_module,
-    )
+    nets = make_networks(config, unet, vae, vre, arcface_module)
     frozen = {"unet": unet_params, "vae": vae_params, "vre": vre_params, **extra}
     frozen.update(perceptual.eval_lpips_params(config, frozen))
     unet_shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), unet_params)

@@ -38,6 +38,11 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:
         raise ValueError(
             f"config.mesh: data={data} x fsdp={fsdp} must divide the number of devices ({n})"
         )
+    if data * fsdp < n and jax.process_count() > 1:
+        raise ValueError(
+            f"config.mesh: data={data} x fsdp={fsdp} uses {data * fsdp} of the {n} devices of "
+            f"{jax.process_count()} processes; a multi-process run uses them all (set data=-1)"
+        )
     if data * fsdp < n:  # e.g. a 1-device run on a multi-device host
         logging.warning("config.mesh uses %d of %d devices", data * fsdp, n)
     grid = np.asarray(devices[: data * fsdp], dtype=object).reshape(data, fsdp)
@@ -81,6 +86,33 @@ def global_batch_to_devices(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict
     return {
         k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
     }
+
+
+def process_rows(mesh: Mesh, global_batch_size: int) -> slice:
+    """The rows of a global batch that this process's devices hold under :func:`batch_sharding`:
+    one contiguous range (the mesh lists each process's devices together)."""
+    index = batch_sharding(mesh).addressable_devices_indices_map((global_batch_size,))
+    spans = sorted(
+        (s[0].indices(global_batch_size)[0], s[0].indices(global_batch_size)[1])
+        for s in index.values()
+    )
+    spans = list(dict.fromkeys(spans))  # devices of one data row share their rows
+    for (_, stop), (start, _) in zip(spans, spans[1:], strict=False):
+        if stop != start:
+            raise ValueError(
+                f"config.mesh: this process's devices hold rows {spans} of the batch, not one "
+                "block; order the mesh's devices by process"
+            )
+    return slice(spans[0][0], spans[-1][1])
+
+
+def data_shard(mesh: Mesh, global_batch_size: int) -> tuple[int, int]:
+    """``(index, count)``: this process feeds block ``index`` of ``count`` equal blocks of every
+    global batch, so that a global batch holds the same examples in the same rows whatever the
+    number of processes (see ``data.pipeline.make_train_dataset``)."""
+    rows = process_rows(mesh, global_batch_size)
+    local = rows.stop - rows.start
+    return rows.start // local, global_batch_size // local
 
 
 def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:

@@ -8,8 +8,6 @@ run both stages in one command; a trainer itself only reads it.
 
 from __future__ import annotations
 
-import os
-
 import ml_collections
 from flax import linen as nn
 
@@ -33,7 +31,7 @@ _TOKENIZER_FIELDS = (
 
 def stage1_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
     """``config.stage1.workdir``, or ``<workdir>/stage1`` when empty."""
-    return os.path.abspath(config.stage1.workdir or os.path.join(workdir, "stage1"))
+    return workdirs.resolve(config.stage1.workdir or workdirs.join(workdir, "stage1"))
 
 
 def needs_training(config: ml_collections.ConfigDict, workdir: str) -> bool:

@@ -9,20 +9,28 @@ from typing import Any
 
 import numpy as np
 from clu import metric_writers
+from etils import epath
 
 
 class JsonlWriter(metric_writers.MetricWriter):
     """Appends one JSON object per ``write_scalars`` call: ``{"step": N, "name": value, ...}``."""
 
     def __init__(self, path: str):
-        self._path = path
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        self._file = open(path, "a", encoding="utf-8", buffering=1)  # line-buffered for tail -f
+        self._path = epath.Path(path)
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        if "://" in path:  # object stores do not append: keep the rows, rewrite on flush
+            self._rows = self._path.read_text().splitlines() if self._path.exists() else []
+            self._file = None
+        else:
+            self._file = open(path, "a", encoding="utf-8", buffering=1)  # line-buffered, tail -f
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]):
         row = {"step": int(step)}
         row.update({k: float(np.asarray(v)) for k, v in scalars.items()})
-        self._file.write(json.dumps(row) + "\n")
+        if self._file is None:
+            self._rows.append(json.dumps(row))
+        else:
+            self._file.write(json.dumps(row) + "\n")
 
     def write_summaries(self, step, values, metadata=None):
         pass
@@ -49,10 +57,15 @@ class JsonlWriter(metric_writers.MetricWriter):
         pass
 
     def flush(self):
-        self._file.flush()
+        if self._file is None:
+            self._path.write_text("".join(r + "\n" for r in self._rows))
+        else:
+            self._file.flush()
 
     def close(self):
-        if not self._file.closed:
+        if self._file is None:
+            self.flush()
+        elif not self._file.closed:
             self._file.close()
 
 
@@ -62,7 +75,7 @@ def create_writer(workdir: str, *, is_main_process: bool) -> metric_writers.Metr
         return metric_writers.create_default_writer(workdir, just_logging=True)
     default = metric_writers.create_default_writer(workdir, asynchronous=False)
     return metric_writers.MultiWriter(
-        [default, JsonlWriter(os.path.join(workdir, "metrics.jsonl"))]
+        [default, JsonlWriter(os.fspath(epath.Path(workdir) / "metrics.jsonl"))]
     )
 
 

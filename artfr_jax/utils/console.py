@@ -14,6 +14,7 @@ import logging
 import logging.handlers
 import os
 import sys
+import tempfile
 
 from absl import logging as absl_logging
 from tqdm import tqdm
@@ -68,9 +69,14 @@ def route_logs(verbosity: int) -> None:
 
 def log_to_file(workdir: str, process_index: int = 0) -> str:
     """Writes every log record, those kept since :func:`route_logs` first, to
-    ``WORKDIR/train.log`` (``train.<process>.log`` on other processes); returns its path."""
-    os.makedirs(workdir, exist_ok=True)
+    ``WORKDIR/train.log`` (``train.<process>.log`` on other processes); returns its path. A
+    ``gs://`` (or other URI) workdir cannot be appended to: the log then goes to the local
+    temporary folder, named after the workdir."""
     name = "train.log" if process_index == 0 else f"train.{process_index}.log"
+    if "://" in workdir:
+        local = "".join(c if c.isalnum() or c in "-_." else "_" for c in workdir)
+        workdir = os.path.join(tempfile.gettempdir(), "artfr_jax_logs", local)
+    os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, name)
     file_handler = logging.FileHandler(path, encoding="utf-8")
     file_handler.setFormatter(absl_logging.PythonFormatter())

@@ -3,11 +3,12 @@ grids and files on the host."""
 
 from __future__ import annotations
 
-import os
+import io
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from PIL import Image
 
 
@@ -46,7 +47,11 @@ def tile(rows: np.ndarray, columns: int, gap: int = 2) -> np.ndarray:
 
 
 def save_grid(rows: np.ndarray, path: str) -> str:
-    """Writes grid rows as one PNG (creating the folder); returns the path."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(stack_rows(rows).astype(np.uint8)).save(path)
+    """Writes grid rows as one PNG (creating the folder; local path or ``gs://`` URI); returns
+    the path."""
+    out = epath.Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    Image.fromarray(stack_rows(rows).astype(np.uint8)).save(buffer, format="PNG")
+    out.write_bytes(buffer.getvalue())
     return path
