@@ -3,11 +3,14 @@ r"""Stage-II (ART-FR) train step: compile time, median step time, FLOPs and shar
     python -m benchmarks.art_train_step --config=smoke
     python -m benchmarks.art_train_step --config=paper --batch=1 --steps=2
     python -m benchmarks.art_train_step --config=paper --batch=24 --dtype=bfloat16   # on a GPU
+    python -m benchmarks.art_train_step --config=tiny --batch=2 --steps=1   # the tests' model
 
 Random uint8 batches and random tokenizer weights (same compute as trained ones) are placed on the
 devices once, so the numbers are the step alone. FLOPs come from XLA's cost analysis of the compiled
 step; utilisation = FLOPs / step time / ``--peak-tflops`` (default: the dense bf16 peak of known
-accelerators, none on CPU). Times: median of ``--steps`` runs after ``--warmup`` runs.
+accelerators, none on CPU). Times: median of ``--steps`` runs after ``--warmup`` runs. A step whose
+compiled buffers do not fit in the free memory is not run, and the script exits with status 3
+(``EXIT_DOES_NOT_FIT``).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import argparse
 import functools
 import os
 import statistics
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -26,10 +30,24 @@ import numpy as np  # noqa: E402
 
 from artfr_jax.models import factory  # noqa: E402
 from artfr_jax.train import art_trainer, loop, sharding  # noqa: E402
+from benchmarks import results  # noqa: E402
 from configs import art as art_config  # noqa: E402
 
-# Dense bf16 peak TFLOP/s per chip (vendor data sheets, no sparsity).
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v5p": 459.0, "TPU v4": 275.0}
+# Dense bf16 peak TFLOP/s per chip, without sparsity: NVIDIA's H100 and H200 data sheets (SXM 1979,
+# H100 PCIe 1513, NVL 1671 TFLOP/s "with sparsity", halved), the A100 data sheet (312),
+# Google Cloud's TPU v5p and v4 pages. The first name found in ``device_kind`` wins, so the PCIe and
+# NVL cards come before the SXM one ("NVIDIA H100 80GB HBM3").
+PEAK_BF16_TFLOPS = {
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "H100": 989.0,
+    "H200 NVL": 835.0,
+    "H200": 989.0,
+    "A100": 312.0,
+    "TPU v5p": 459.0,
+    "TPU v4": 275.0,
+}
+EXIT_DOES_NOT_FIT = 3  # exit status of the step benchmarks when the step does not fit in memory
 
 
 def peak_tflops(device) -> float | None:
@@ -40,9 +58,20 @@ def peak_tflops(device) -> float | None:
     return None
 
 
-def print_step_report(compile_s, times, n, flops, dev, peak_arg=None) -> None:
-    """Compile time, median step time (images/s) and FLOP utilisation of a timed train step."""
+def compiled_flops(compiled) -> float:
+    """FLOPs of one run of a compiled program by XLA's cost analysis (0 when not reported). XLA
+    counts what the optimised program executes, per device: recomputation under remat included,
+    custom calls it cannot see into (cuDNN's fused attention) not."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost.get("flops", 0.0)) if cost else 0.0
+
+
+def print_step_report(compile_s, times, n, flops, dev, peak_arg=None) -> dict:
+    """Prints compile time, median step time (images/s) and FLOP utilisation of a timed train
+    step; returns them (seconds, TFLOP/s, percent) for :mod:`benchmarks.results`."""
     med = statistics.median(times)
+    report = dict(compile_s=compile_s, step_s=med, images_per_s=n / med, steps=len(times))
     print(f"compile: {compile_s:.1f} s")
     print(
         f"step: median {med * 1e3:.1f} ms over {len(times)} runs "
@@ -52,10 +81,13 @@ def print_step_report(compile_s, times, n, flops, dev, peak_arg=None) -> None:
     if flops:
         achieved = flops / med / 1e12
         peak = peak_arg or peak_tflops(dev)
+        report.update(gflops=flops / 1e9, tflops_per_s=achieved, peak_tflops=peak)
         line = f"flops/step (XLA, per device): {flops / 1e9:.1f} GFLOP; achieved {achieved:.2f} TFLOP/s"
         if peak:
+            report["peak_percent"] = 100 * achieved / peak
             line += f" = {100 * achieved / peak:.1f}% of {peak:.0f} TFLOP/s bf16 peak"
         print(line)
+    return report
 
 
 def available_bytes(device) -> int | None:
@@ -149,7 +181,7 @@ def build(config_name: str, per_device_batch: int | None, dtype: str, remat: boo
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", choices=["smoke", "demo", "paper"], default="smoke")
+    parser.add_argument("--config", choices=["smoke", "demo", "tiny", "paper"], default="smoke")
     parser.add_argument("--batch", type=int, default=None, help="per-device batch size")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--remat", action="store_true")
@@ -181,11 +213,10 @@ def main():
         t0 = time.perf_counter()
         compiled = jitted.lower(state, batch, jax.random.key(0), frozen).compile()
         compile_s = time.perf_counter() - t0
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, list) else cost
-        flops = float(cost.get("flops", 0.0)) if cost else 0.0
+        flops = compiled_flops(compiled)
         if not print_memory_analysis(compiled, dev):
-            return
+            results.record("art_train_step", fits=False, batch=n, remat=args.remat)
+            sys.exit(EXIT_DOES_NOT_FIT)
         times = []
         for i in range(args.warmup + args.steps):
             t0 = time.perf_counter()
@@ -193,7 +224,18 @@ def main():
             jax.block_until_ready(metrics)
             if i >= args.warmup:
                 times.append(time.perf_counter() - t0)
-    print_step_report(compile_s, times, n, flops, dev, args.peak_tflops)
+    report = print_step_report(compile_s, times, n, flops, dev, args.peak_tflops)
+    results.record(
+        "art_train_step",
+        fits=True,
+        config=args.config,
+        batch=n,
+        image_size=size,
+        dtype=args.dtype,
+        remat=args.remat,
+        device=dev.device_kind,
+        **report,
+    )
 
 
 if __name__ == "__main__":

@@ -3,19 +3,23 @@ r"""Stage-I (VQGAN) train step: compile time, median step time, compiled memory 
     python -m benchmarks.train_step --config=smoke
     python -m benchmarks.train_step --config=paper --batch=2 --steps=3
     python -m benchmarks.train_step --config=paper --memory-only --batch=6 [--dtype=bfloat16]
+    python -m benchmarks.train_step --config=paper --batch=24 --remat --dtype=bfloat16  # a GPU
+    python -m benchmarks.train_step --config=tiny --batch=2 --steps=1   # the tests' model
 
 The batch is random uint8 data placed on the devices once, so the numbers are the step alone (the
 input pipeline has its own benchmark). The paper config includes the LPIPS term with random VGG weights
 (same compute as the real ones). ``--dtype`` is the compute dtype (``config.model.dtype``; float32
 unless given, the CPU's), ``--kernels`` the kernel switch (``config.model.kernels``). Times: median
-of ``--steps`` runs after ``--warmup`` runs; the compile time includes tracing and lowering.
+of ``--steps`` runs after ``--warmup`` runs; the compile time includes tracing and lowering. FLOPs
+and share of peak as in ``benchmarks.art_train_step``; a step that does not fit in the free memory
+is not run, and the script exits with status 3.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -27,7 +31,13 @@ import numpy as np  # noqa: E402
 from artfr_jax.losses import perceptual  # noqa: E402
 from artfr_jax.models import factory  # noqa: E402
 from artfr_jax.train import loop, sharding, vqgan_trainer  # noqa: E402
-from benchmarks.art_train_step import print_memory_analysis  # noqa: E402
+from benchmarks import results  # noqa: E402
+from benchmarks.art_train_step import (  # noqa: E402
+    EXIT_DOES_NOT_FIT,
+    compiled_flops,
+    print_memory_analysis,
+    print_step_report,
+)
 from configs import vqgan as vqgan_config  # noqa: E402
 
 
@@ -38,7 +48,7 @@ def build(
     dtype: str = "float32",
     kernels: str = "auto",
 ):
-    config = vqgan_config.get_config("smoke" if config_name == "smoke" else None)
+    config = vqgan_config.get_config(None if config_name == "paper" else config_name)
     config.model.update(remat=remat, dtype=dtype, kernels=kernels)
     config.mesh.update(data=-1, fsdp=1)
     n_dev = len(jax.devices())
@@ -62,7 +72,7 @@ def build(
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", choices=["smoke", "paper"], default="smoke")
+    parser.add_argument("--config", choices=["smoke", "tiny", "paper"], default="smoke")
     parser.add_argument("--batch", type=int, default=None, help="per-device batch size")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
@@ -70,6 +80,7 @@ def main():
     parser.add_argument("--remat", action="store_true", help="rematerialise VQGAN residual blocks")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--kernels", choices=["auto", "xla", "cpu"], default="auto")
+    parser.add_argument("--peak-tflops", type=float, default=None)
     args = parser.parse_args()
 
     config, stage, step_fn, frozen = build(
@@ -78,9 +89,11 @@ def main():
     mesh = sharding.make_mesh(config.mesh)
     size = config.data.image_size
     n = config.batch_size
+    dev = jax.devices()[0]
     print(
-        f"backend={jax.default_backend()} devices={len(jax.devices())} config={args.config} "
-        f"image={size}px global_batch={n} dtype={args.dtype} kernels={args.kernels}"
+        f"backend={jax.default_backend()} device={dev.device_kind} devices={len(jax.devices())} "
+        f"config={args.config} image={size}px global_batch={n} dtype={args.dtype} "
+        f"kernels={args.kernels} remat={args.remat}"
     )
     state, shardings = stage.init_state(jax.random.key(0), mesh)
     host = {"hq": np.random.default_rng(0).integers(0, 256, (n, size, size, 3), dtype=np.uint8)}
@@ -93,9 +106,14 @@ def main():
         compiled = lowered.compile()
         compile_s = time.perf_counter() - t0
         print(f"compile_time_s={compile_s:.2f} (trace and lower {lower_s:.2f})")
-        fits = print_memory_analysis(compiled, jax.devices()[0])
-        if args.memory_only or not fits:
+        flops = compiled_flops(compiled)
+        fits = print_memory_analysis(compiled, dev)
+        if not fits:
+            results.record("train_step", fits=False, batch=n, remat=args.remat)
+        if args.memory_only:
             return
+        if not fits:
+            sys.exit(EXIT_DOES_NOT_FIT)
         times = []
         for i in range(args.warmup + args.steps):
             t0 = time.perf_counter()
@@ -103,10 +121,17 @@ def main():
             jax.block_until_ready(metrics)
             if i >= args.warmup:
                 times.append(time.perf_counter() - t0)
-    med = statistics.median(times)
-    print(
-        f"step_time_median_s={med:.4f} (min {min(times):.4f}, max {max(times):.4f}, n={len(times)}) "
-        f"images_per_s={n / med:.2f}"
+    report = print_step_report(compile_s, times, n, flops, dev, args.peak_tflops)
+    results.record(
+        "train_step",
+        fits=True,
+        config=args.config,
+        batch=n,
+        image_size=size,
+        dtype=args.dtype,
+        remat=args.remat,
+        device=dev.device_kind,
+        **report,
     )
 
 

@@ -1,7 +1,8 @@
-"""What every trainer must do, for each of them (``tests/trainers.py`` lists them): a real
-train-and-evaluate on its tiny config, bfloat16 training that learns, one step on 8 devices equal to
-one on 1 device through the loop's own ``jit_train_step``, and SIGTERM / SIGKILL + resume from the
-main command as a user runs it.
+"""What every trainer must do, for each of them (``tests/trainers.py`` lists them): bfloat16
+training that learns, one step on 8 devices equal to one on 1 device through the loop's own
+``jit_train_step``, and the main command as users run it: train, evaluate and checkpoint on one
+process with two devices, and the same run on two processes (SIGKILL, resume, and for the stage-I
+trainer SIGTERM) with the same losses.
 
 One class per trainer (pytest-xdist schedules a class as a unit, so trainers run side by side);
 the tests live once, in :class:`TrainerTests`.
@@ -39,25 +40,6 @@ class TrainerTests:
         if not self.trainer.stage1:
             return None
         return self.trainer.train_stage1(str(tmp_path_factory.mktemp(f"{self.trainer.name}_s1")))
-
-    def test_train_and_evaluate_writes_outputs(self, stage1_dir, tmp_path):
-        t = self.trainer
-        config = t.tiny_config(stage1_dir)
-        workdir = str(tmp_path / "w")
-        result = t.module.train_and_evaluate(config, workdir)
-        assert set(t.eval_keys) <= set(result), result
-        assert all(np.isfinite(result[k]) for k in t.eval_keys), result
-        steps = config.num_train_steps
-        logged = sorted(trainers.train_losses(workdir))
-        assert logged == list(range(config.log_every, steps + 1, config.log_every))
-        assert all(np.isfinite(v) for v in trainers.train_losses(workdir).values())
-        assert glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
-        evals = range(config.eval_every, steps + 1, config.eval_every)
-        grids = sorted(os.path.basename(g) for g in glob.glob(f"{workdir}/samples/{t.name}_*.png"))
-        assert grids == [f"{t.name}_step{s:07d}.png" for s in evals]
-        ckdir = workdirs.checkpoint_dir(workdir)
-        assert workdirs.latest_step(ckdir) == steps
-        assert workdirs.read_config(ckdir)["trainer"] == t.name
 
     def test_bfloat16_training_learns_a_batch(self, stage1_dir):
         """In bfloat16 compute (float32 parameters) repeated steps on one batch lower its loss."""
@@ -99,7 +81,9 @@ class TrainerTests:
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
     @pytest.mark.slow
-    def test_two_processes_train_and_resume_like_one_process_on_two_devices(self, tmp_path):
+    def test_two_processes_train_and_resume_like_one_process_on_two_devices(
+        self, stage1_dir, tmp_path
+    ):
         """The main command as a two-host user runs it: two processes with one CPU device each
         (gloo collectives) give the losses and eval of one process on two devices, also after
         a SIGKILL of both and a resume. For the stage-I trainer the reference run is itself
@@ -118,9 +102,10 @@ class TrainerTests:
             (code,), out = _start_and_signal(full, signal.SIGTERM, 2, base, devices=2)
             assert code == 0 and "SIGTERM" in out, out[-3000:]
             assert 2 <= _steps(full)[-1] < STEPS
-        res = _run(full, base, devices=2)  # a stage II trains its tokenizer first
+        extra = [f"--config.stage1.workdir={stage1_dir}"] if t.stage1 else []
+        res = _run(full, base + extra, devices=2)
         assert res.returncode == 0, res.stderr[-3000:]
-        extra = [f"--config.stage1.workdir={full}/stage1"] if t.stage1 else []
+        _check_outputs(t, full)
 
         part = str(tmp_path / "part")
         stopped_at = 0
@@ -174,6 +159,23 @@ class TestOSDFaceVRE(TrainerTests):
 
 class TestOSDFace(TrainerTests):
     trainer = TRAINERS["osdface"]
+
+
+def _check_outputs(t: Trainer, workdir: str) -> None:
+    """What a finished run leaves: train losses at every log step, eval metrics, TensorBoard
+    events, eval grids, the last checkpoint with its config."""
+    config = t.tiny_config()
+    logged = sorted(trainers.train_losses(workdir))
+    assert logged == list(range(config.log_every, STEPS + 1, config.log_every)), logged
+    assert all(np.isfinite(v) for v in trainers.train_losses(workdir).values())
+    (last,) = [r for r in trainers.jsonl(workdir) if any(k.startswith("eval/") for k in r)]
+    assert all(np.isfinite(last[f"eval/{k}"]) for k in t.eval_keys), last
+    assert glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
+    grids = sorted(os.path.basename(g) for g in glob.glob(f"{workdir}/samples/{t.name}_*.png"))
+    assert grids == [f"{t.name}_step{STEPS:07d}.png"], grids
+    ckdir = workdirs.checkpoint_dir(workdir)
+    assert workdirs.latest_step(ckdir) == STEPS
+    assert workdirs.read_config(ckdir)["trainer"] == t.name
 
 
 def test_every_trainer_is_tested():

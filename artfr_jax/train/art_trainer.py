@@ -62,11 +62,11 @@ def init_state(rng, mesh, *, config, art, tx, stage1_params, init_params=None):
     )
     params = dict(state.params["art"])
     if init_params is not None:
-        params = jax.tree.map(np.array, dict(init_params))
+        params = state_lib.host_copy(dict(init_params))
     elif config.model.init_lq_encoder_from_stage1:
         # Host copies: the frozen tokenizer keeps its own buffers (the state's are donated), and
         # host values reach the devices of every process.
-        copy = lambda tree: jax.tree.map(np.array, tree)
+        copy = state_lib.host_copy
         params["lq_encoder"] = {
             "encoder": copy(stage1_params["encoder"]),
             "quant_conv": copy(stage1_params["quant_conv"]),

@@ -7,12 +7,14 @@ array directly on its devices (nothing full-size ever sits on the host).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh
 
@@ -79,9 +81,25 @@ def create_train_state(
 
     abstract = jax.eval_shape(init, rng)
     shardings = sharding_lib.state_shardings(abstract, mesh, min_shard_size)
-    with jax.set_mesh(mesh):
+    with _mesh_context(mesh):
         state = jax.jit(init, out_shardings=shardings)(rng)
     return state, shardings
+
+
+def _mesh_context(mesh: Mesh):
+    """``jax.set_mesh(mesh)``, or nothing when ``mesh`` is already set: ``set_mesh`` is refused
+    inside a trace, and an ahead-of-time compilation traces ``init_state`` with ``jax.eval_shape``
+    under the mesh (``benchmarks/aot_compile.py``: its devices cannot run the init)."""
+    if jax.sharding.get_abstract_mesh() == mesh.abstract_mesh:
+        return contextlib.nullcontext()
+    return jax.set_mesh(mesh)
+
+
+def host_copy(tree: PyTree) -> PyTree:
+    """NumPy copies of concrete arrays (fresh buffers that reach the devices of every process
+    through ``jax.device_put``); traced values (``jax.eval_shape`` of an init, ahead-of-time
+    compilation) pass through unchanged."""
+    return jax.tree.map(lambda x: x if isinstance(x, jax.core.Tracer) else np.array(x), tree)
 
 
 def abstract_with_shardings(state_shardings: PyTree, state: PyTree) -> PyTree:

@@ -21,7 +21,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 from artfr_jax import inference
@@ -95,7 +94,7 @@ def init_state(rng, mesh, *, config, vqfr, discs, tx, stage1_params, init_params
         min_shard_size=config.mesh.min_shard_size,
         init_extras=extras,
     )
-    copy = lambda tree: jax.tree.map(np.array, tree)  # noqa: E731  host copies: see art_trainer
+    copy = state_lib.host_copy  # host copies: see art_trainer
     params = dict(state.params)
     if init_params is not None:
         params["sr"] = copy(init_params)

@@ -10,12 +10,18 @@ measurements behind every choice and threshold).
 
 Nothing here is imported by a model directly: ``models/kernels.py`` is the one switch that picks
 these or plain XLA ops for the platform a program is lowered for. Their sizes and switches are
-one frozen :class:`CpuKernels`, passed in (never module globals).
+one frozen :class:`CpuKernels`, passed in (never module globals). The Winograd and weight-gradient
+kernels trace under named scopes (:func:`named`), which label their ops in lowered programs
+(``Lowered.as_text(debug_info=True)``) and in profiles: a program lowered for a TPU or GPU carries
+none of them (``tests/test_aot_compile.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+
+import jax
 
 Sizes = tuple[tuple[int, int], ...]
 
@@ -55,3 +61,12 @@ class CpuKernels:
 def reaches(sizes: Sizes, positions: int, channels: int) -> bool:
     """Whether ``(positions, channels)`` reaches any ``(min positions, min channels)`` of ``sizes``."""
     return any(positions >= p and channels >= c for p, c in sizes)
+
+
+SCOPE_PREFIX = "cpu_kernel_"
+
+
+def named(name: str):
+    """Decorator: the function's ops trace under the named scope ``cpu_kernel_<name>`` (in a
+    ``custom_vjp`` backward too, where source locations point at the forward's call)."""
+    return functools.partial(jax.named_call, name=SCOPE_PREFIX + name)

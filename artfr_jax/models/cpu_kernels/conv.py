@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from artfr_jax.models.cpu_kernels import CpuKernels, reaches, winograd
+from artfr_jax.models.cpu_kernels import CpuKernels, named, reaches, winograd
 
 _NHWC = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
 Pads = tuple[tuple[int, int], tuple[int, int]]
@@ -168,6 +168,7 @@ def _conv_bwd(p, precision, res, dy):
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
+@named("patch_weight_grad")
 def weight_grad_patches(
     x: jax.Array,
     dy: jax.Array,
@@ -214,6 +215,7 @@ def band_rows(batch: int, out_height: int, out_width: int, band_positions: int =
     return max(1, min(out_height, band_positions // max(1, batch * out_width)))
 
 
+@named("banded_weight_grad")
 def weight_grad(
     x: jax.Array,
     dy: jax.Array,

@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from artfr_jax.models.cpu_kernels import named
+
 
 class Minimal(NamedTuple):
     """The matrices of F(m x m, r x r): ``b_t [s, s]``, ``g [s, r]``, ``a_t [m, s]``; s = m + r - 1
@@ -178,6 +180,7 @@ def output_transform(m: jax.Array, batch: int, n: int, mm: int, f: Minimal = F4_
     return y.reshape(batch, t * n, t * mm, o)
 
 
+@named("winograd")
 def _conv(x: jax.Array, w: jax.Array, f: Minimal, pad: int, precision) -> jax.Array:
     """Stride-1 r x r convolution of ``x`` zero-padded by ``pad`` (NHWC x HWIO -> NHWC)."""
     r = f.taps
@@ -227,6 +230,7 @@ def conv3x3_input_grad(
     return conv3x3(dy, jnp.flip(w, (0, 1)).swapaxes(2, 3), precision, small_tile)
 
 
+@named("winograd_weight_grad")
 def _weight_grad(x: jax.Array, dy: jax.Array, f: Minimal, pad: int, precision) -> jax.Array:
     """``dL/dw`` of ``_conv(x, w, f, pad)`` for its output gradient ``dy`` -> [r, r, C, O].
 

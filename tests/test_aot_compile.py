@@ -1,0 +1,185 @@
+"""``benchmarks/aot_compile.py``: TPU programs lowered on this CPU host carry none of the CPU kernels.
+
+The TPU part runs the script in a subprocess under the interpreter of a venv that has libtpu
+(``ARTFR_TPU_PYTHON``, default ``.tpu-venv/bin/python``, which ``.ci/run`` makes), so libtpu never
+enters the test process's environment. It only lowers (compiling even a tiny step for a TPU takes
+over a minute here): each tiny step is lowered for a v5e:2x2 slice and for 4 CPU devices, at
+128 px so that the CPU programs reach the Winograd and banded weight-gradient kernels, whose named
+scopes (``cpu_kernel_*``) and source files (``cpu_kernels/``) mark them in the lowered text.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import ml_collections
+import optax
+import pytest
+
+from artfr_jax.train import sharding
+from artfr_jax.train import state as state_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TPU_PYTHON = os.environ.get("ARTFR_TPU_PYTHON", os.path.join(ROOT, ".tpu-venv", "bin", "python"))
+STEPS = ("vqgan_tiny", "art_tiny", "vqfr_tiny", "osdface_tiny")
+PROGRAMS = (*STEPS, "art_restore_tiny")
+CPU_MARKS = ("cpu_kernel_", "cpu_kernels/")
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    return env
+
+
+def _has_libtpu() -> bool:
+    if not os.path.exists(TPU_PYTHON):
+        return False
+    probe = subprocess.run(
+        [TPU_PYTHON, "-c", "import libtpu"], env=_env(), capture_output=True, timeout=60
+    )
+    return probe.returncode == 0
+
+
+def _command(out, configs, topologies, *extra) -> list[str]:
+    return [
+        TPU_PYTHON,
+        "-m",
+        "benchmarks.aot_compile",
+        "--config=" + ",".join(configs),
+        *[f"--topology={t}" for t in topologies],
+        "--lower_only",
+        f"--dump_lowered={out}",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def lowered(tmp_path_factory):
+    """Runs the script twice, side by side: the tiny VQGAN step at 128 px lowered for v5e:2x2
+    and cpu:4 (the CPU program must show the kernels' marks, so that their absence means
+    something), the other tiny programs at their size for v5e:2x2."""
+    if not _has_libtpu():
+        pytest.skip(
+            f"no libtpu at {TPU_PYTHON} (python -m venv --system-site-packages .tpu-venv; "
+            ".tpu-venv/bin/pip install -e '.[tpu]' -c constraints.txt)"
+        )
+    out = tmp_path_factory.mktemp("aot")
+    runs = [
+        _command(out, PROGRAMS[:1], ("v5e:2x2", "cpu:4"), "--image_size=128", f"--out={out}/vqgan"),
+        _command(out, PROGRAMS[1:], ("v5e:2x2",), f"--out={out}/table"),
+    ]
+    logs = [open(out / f"run{i}.log", "w+") for i in range(len(runs))]  # noqa: SIM115
+    procs = [
+        subprocess.Popen(c, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+        for c, log in zip(runs, logs, strict=True)
+    ]
+    stdout = ""
+    for p, log in zip(procs, logs, strict=True):
+        p.wait(timeout=600)
+        log.seek(0)
+        text = log.read()
+        log.close()
+        assert p.returncode == 0, text[-6000:]
+        stdout += text
+    return out, stdout
+
+
+def _text(out, program: str, topology: str) -> str:
+    (path,) = [p for p in os.listdir(out) if p.startswith(f"{program}.{topology}.")]
+    with open(os.path.join(out, path)) as f:
+        return f.read()
+
+
+@pytest.mark.parametrize("program", PROGRAMS)
+def test_tpu_program_has_no_cpu_kernels(lowered, program):
+    out, _ = lowered
+    tpu = _text(out, program, "v5e_2x2")
+    assert "mhlo.num_partitions = 4" in tpu  # split over the slice's four chips
+    assert not [m for m in CPU_MARKS if m in tpu]
+
+
+def test_cpu_program_reaches_winograd_and_banded_gradients(lowered):
+    """The same stage-I step lowered for CPU devices takes the CPU kernels, and the marks the
+    TPU test looks for are there."""
+    cpu = _text(lowered[0], "vqgan_tiny", "cpu_4")
+    assert "cpu_kernel_winograd" in cpu and "cpu_kernels/" in cpu
+    assert "cpu_kernel_banded_weight_grad" in cpu
+
+
+def test_lower_only_table(lowered):
+    out, stdout = lowered
+    with open(os.path.join(out, "table.json")) as f:
+        rows = json.load(f)["results"]
+    assert [(r["program"], r["topology"]) for r in rows] == [(p, "v5e:2x2") for p in PROGRAMS[1:]]
+    assert all(r["mesh"] == "4x1" and r["lower_s"] > 0 and not r["error"] for r in rows)
+    assert all(r["compile_s"] is None and r["flops"] is None for r in rows)
+    with open(os.path.join(out, "table.md")) as f:
+        table = f.read()
+    assert (
+        table.startswith("| program | topology |") and "| art_restore_tiny (T=8 steps) |" in table
+    )
+    assert "command: python -m benchmarks.aot_compile" in stdout
+
+
+ANALYSIS = """
+import types
+from benchmarks import aot_compile as a
+chip = a.CHIPS["v5e"]
+r = a.Result("art", "v5e:2x2", 4, "4x1", False, 24, "bfloat16")
+mem = types.SimpleNamespace(argument_size_in_bytes=3 * 2**30, output_size_in_bytes=2**30,
+    temp_size_in_bytes=14 * 2**30, alias_size_in_bytes=2**30, generated_code_size_in_bytes=0)
+cost = {"flops": 197e12 * 0.5, "bytes accessed": 819e9 * 0.25}
+compiled = types.SimpleNamespace(memory_analysis=lambda: mem, cost_analysis=lambda: cost)
+a.add_memory(r, compiled, chip)
+a.add_cost(r, compiled, chip)
+assert r.peak_bytes == 17 * 2**30 and r.fits is False, r
+assert abs(r.roofline_s - 0.5) < 1e-9 and r.bound == "FLOPs", r
+assert a.oom_bytes("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. "
+                   "Used 21.50G of 15.75G hbm.") == ("peak", int(21.5 * 2**30))
+oom = a.Result("vqgan", "v5e:2x2", 4, "4x1", False, 24, "bfloat16")
+assert a.add_oom(oom, "JaxRuntimeError: RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total "
+    "memory required for HLO temporaries (45.86G) exceeds available HBM (15.75G).", chip)
+assert oom.fits is False and oom.temp_bytes == int(45.86 * 2**30), oom
+assert not a.add_oom(oom, "ValueError: something else", chip)
+assert a.resolve_mesh("auto", 4, 2) == (2, 1) and a.resolve_mesh("-1,2", 8, 24) == (4, 2)
+assert a.parse_topology("v5p:2x2x1").num_chips == 4
+print(a.markdown([r], "cmd"))
+"""
+
+
+def test_table_numbers_from_an_analysis():
+    """The memory and roofline columns from a compiled program's analyses (a stand-in object:
+    no libtpu needed, the main interpreter runs it)."""
+    res = subprocess.run(
+        [sys.executable, "-c", ANALYSIS],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "| 17.00 | 16.00 | NO | 98.500 | 204.8 | 500.0 | 250.0 | 500.0 | FLOPs |" in res.stdout
+
+
+def test_init_state_traces_under_eval_shape():
+    """``create_train_state`` under ``jax.eval_shape`` inside the mesh (as the script traces
+    ``init_state`` for devices that cannot run it): shapes and fsdp shardings, nothing computed."""
+    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=2)), jax.devices()[:4])
+    init = lambda rng: {"w": jax.random.normal(rng, (256, 128))}  # noqa: E731
+    found = {}
+
+    def state_only(rng):
+        state, found["shardings"] = state_lib.create_train_state(
+            init, optax.adam(1e-3), rng, mesh, min_shard_size=0
+        )
+        return state
+
+    with jax.set_mesh(mesh):
+        state = jax.eval_shape(state_only, jax.random.key(0))
+    assert isinstance(state.params["w"], jax.ShapeDtypeStruct)
+    assert state.opt_state[0].mu["w"].shape == (256, 128)
+    assert found["shardings"].params["w"].spec == jax.sharding.PartitionSpec("fsdp", None)
