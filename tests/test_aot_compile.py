@@ -6,6 +6,8 @@ enters the test process's environment. It only lowers (compiling even a tiny ste
 over a minute here): each tiny step is lowered for a v5e:2x2 slice and for 4 CPU devices, at
 128 px so that the CPU programs reach the Winograd and banded weight-gradient kernels, whose named
 scopes (``cpu_kernel_*``) and source files (``cpu_kernels/``) mark them in the lowered text.
+Those tests are marked ``libtpu`` and left out of the default run for CI time:
+``pytest -m libtpu tests/test_aot_compile.py``.
 """
 
 import json
@@ -93,6 +95,7 @@ def _text(out, program: str, topology: str) -> str:
         return f.read()
 
 
+@pytest.mark.libtpu
 @pytest.mark.parametrize("program", PROGRAMS)
 def test_tpu_program_has_no_cpu_kernels(lowered, program):
     out, _ = lowered
@@ -101,6 +104,7 @@ def test_tpu_program_has_no_cpu_kernels(lowered, program):
     assert not [m for m in CPU_MARKS if m in tpu]
 
 
+@pytest.mark.libtpu
 def test_cpu_program_reaches_winograd_and_banded_gradients(lowered):
     """The same stage-I step lowered for CPU devices takes the CPU kernels, and the marks the
     TPU test looks for are there."""
@@ -109,6 +113,7 @@ def test_cpu_program_reaches_winograd_and_banded_gradients(lowered):
     assert "cpu_kernel_banded_weight_grad" in cpu
 
 
+@pytest.mark.libtpu
 def test_lower_only_table(lowered):
     out, stdout = lowered
     with open(os.path.join(out, "table.json")) as f:

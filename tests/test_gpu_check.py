@@ -28,7 +28,7 @@ def _dry_run_env(tmp_path):
     return env
 
 
-@pytest.mark.slow
+@pytest.mark.gpu_dry_run
 def test_dry_run_runs_every_part_and_prints_the_summary(tmp_path):
     proc = subprocess.run(
         ["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh"), "--dry-run"],
