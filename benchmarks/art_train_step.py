@@ -67,6 +67,32 @@ def compiled_flops(compiled) -> float:
     return float(cost.get("flops", 0.0)) if cost else 0.0
 
 
+def time_steps_and_record(
+    name, compiled, state, batch, frozen, *, args, n, size, flops, dev, compile_s
+) -> None:
+    """Times ``args.steps`` calls of a compiled train step after ``args.warmup``, prints the step
+    report and writes its record (``benchmarks/results.py``)."""
+    times = []
+    for i in range(args.warmup + args.steps):
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, batch, jax.random.key(i), frozen)
+        jax.block_until_ready(metrics)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    report = print_step_report(compile_s, times, n, flops, dev, args.peak_tflops)
+    results.record(
+        name,
+        fits=True,
+        config=args.config,
+        batch=n,
+        image_size=size,
+        dtype=args.dtype,
+        remat=args.remat,
+        device=dev.device_kind,
+        **report,
+    )
+
+
 def print_step_report(compile_s, times, n, flops, dev, peak_arg=None) -> dict:
     """Prints compile time, median step time (images/s) and FLOP utilisation of a timed train
     step; returns them (seconds, TFLOP/s, percent) for :mod:`benchmarks.results`."""
@@ -217,25 +243,19 @@ def main():
         if not print_memory_analysis(compiled, dev):
             results.record("art_train_step", fits=False, batch=n, remat=args.remat)
             sys.exit(EXIT_DOES_NOT_FIT)
-        times = []
-        for i in range(args.warmup + args.steps):
-            t0 = time.perf_counter()
-            state, metrics = compiled(state, batch, jax.random.key(i), frozen)
-            jax.block_until_ready(metrics)
-            if i >= args.warmup:
-                times.append(time.perf_counter() - t0)
-    report = print_step_report(compile_s, times, n, flops, dev, args.peak_tflops)
-    results.record(
-        "art_train_step",
-        fits=True,
-        config=args.config,
-        batch=n,
-        image_size=size,
-        dtype=args.dtype,
-        remat=args.remat,
-        device=dev.device_kind,
-        **report,
-    )
+        time_steps_and_record(
+            "art_train_step",
+            compiled,
+            state,
+            batch,
+            frozen,
+            args=args,
+            n=n,
+            size=size,
+            flops=flops,
+            dev=dev,
+            compile_s=compile_s,
+        )
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from benchmarks.art_train_step import (  # noqa: E402
     EXIT_DOES_NOT_FIT,
     compiled_flops,
     print_memory_analysis,
-    print_step_report,
+    time_steps_and_record,
 )
 from configs import vqgan as vqgan_config  # noqa: E402
 
@@ -114,25 +114,19 @@ def main():
             return
         if not fits:
             sys.exit(EXIT_DOES_NOT_FIT)
-        times = []
-        for i in range(args.warmup + args.steps):
-            t0 = time.perf_counter()
-            state, metrics = compiled(state, batch, jax.random.key(i), frozen)
-            jax.block_until_ready(metrics)
-            if i >= args.warmup:
-                times.append(time.perf_counter() - t0)
-    report = print_step_report(compile_s, times, n, flops, dev, args.peak_tflops)
-    results.record(
-        "train_step",
-        fits=True,
-        config=args.config,
-        batch=n,
-        image_size=size,
-        dtype=args.dtype,
-        remat=args.remat,
-        device=dev.device_kind,
-        **report,
-    )
+        time_steps_and_record(
+            "train_step",
+            compiled,
+            state,
+            batch,
+            frozen,
+            args=args,
+            n=n,
+            size=size,
+            flops=flops,
+            dev=dev,
+            compile_s=compile_s,
+        )
 
 
 if __name__ == "__main__":
