@@ -98,7 +98,8 @@ def _run_main(monkeypatch, fake, *args):
     monkeypatch.setattr(restore, "_load_restorer", lambda workdir, **kw: fake)
     fv = flags.FlagValues()
     restore.define_flags(fv)
-    fv(["restore", "--workdir=unused", *args])
+    mode = [] if any(a.startswith("--mode") for a in args) else ["--mode=aligned"]
+    fv(["restore", "--workdir=unused", *mode, *args])
     return restore.main(["restore"], fv)
 
 

@@ -76,7 +76,7 @@ def test_train_and_evaluate_then_restore(trained, tmp_path):
     (src / "broken.jpg").write_text("not an image")
     fv = flags.FlagValues()
     restore.define_flags(fv)
-    fv(["restore", f"--workdir={workdir}", f"--input={src}", f"--output={tmp_path / 'out'}"])
+    fv(["restore", "--mode=aligned", f"--workdir={workdir}", f"--input={src}", f"--output={tmp_path / 'out'}"])
     assert restore.main(["restore"], fv) == 1
     out = np.asarray(Image.open(tmp_path / "out" / "face.png"))
     assert out.shape == (32, 32, 3)

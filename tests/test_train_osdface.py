@@ -99,13 +99,13 @@ def test_restore_command_on_an_osdface_workdir(trained, tmp_path):
     out = tmp_path / "out"
     fv = flags.FlagValues()
     restore.define_flags(fv)
-    fv(["restore", f"--workdir={trained}", f"--input={src}", f"--output={out}", "--method=osdface"])
+    fv(["restore", "--mode=aligned", f"--workdir={trained}", f"--input={src}", f"--output={out}", "--method=osdface"])
     assert restore.main(["restore"], fv) == 1  # the broken files fail, the rest is restored
     assert len(list(out.glob("*.png"))) == len(good)
     assert _snapshot(src) == before
     fv = flags.FlagValues()
     restore.define_flags(fv)
-    fv(["restore", f"--workdir={trained}", f"--input={src}", f"--output={tmp_path / 'x'}"])
+    fv(["restore", "--mode=aligned", f"--workdir={trained}", f"--input={src}", f"--output={tmp_path / 'x'}"])
     fv.method = "vqfr"
     assert restore.main(["restore"], fv) == 2  # the workdir holds OSDFace, not VQFR
 

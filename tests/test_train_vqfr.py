@@ -83,7 +83,7 @@ def test_train_and_evaluate_then_restore_a_mixed_folder(trained, tmp_path):
     before = _snapshot(src)
     fv = flags.FlagValues()
     restore.define_flags(fv)
-    fv(["restore", f"--workdir={workdir}", f"--input={src}", f"--output={tmp_path / 'main'}"])
+    fv(["restore", "--mode=aligned", f"--workdir={workdir}", f"--input={src}", f"--output={tmp_path / 'main'}"])
     assert restore.main(["restore"], fv) == 1  # the broken files failed, the rest was restored
     names = sorted(os.path.splitext(os.path.basename(p))[0] + ".png" for p in good)
     assert sorted(f for f in os.listdir(tmp_path / "main") if f.endswith(".png")) == names
@@ -93,6 +93,7 @@ def test_train_and_evaluate_then_restore_a_mixed_folder(trained, tmp_path):
     fv(
         [
             "restore",
+            "--mode=aligned",
             f"--workdir={workdir}",
             f"--input={good[0]}",
             f"--output={tmp_path / 'tex'}",
@@ -109,6 +110,7 @@ def test_train_and_evaluate_then_restore_a_mixed_folder(trained, tmp_path):
     fv(
         [
             "restore",
+            "--mode=aligned",
             f"--workdir={workdir}",
             f"--input={src}",
             f"--output={tmp_path / 'x'}",

@@ -1,7 +1,8 @@
-"""What every trainer must do, for each of them (``tests/trainers.py`` lists them): a real
-train-and-evaluate on its tiny config, bfloat16 training that learns, one step on 8 devices equal to
-one on 1 device through the loop's own ``jit_train_step``, and SIGTERM / SIGKILL + resume from the
-main command as a user runs it.
+"""What every trainer must do, for each of them (``tests/trainers.py`` lists them): bfloat16
+training that learns, one step on 8 devices equal to one on 1 device through the loop's own
+``jit_train_step``, and the main command as users run it: train, evaluate and checkpoint on one
+process with two devices and on two processes with one device each (localhost, gloo collectives,
+as two hosts), SIGKILL of both and resume, SIGTERM (one process; one of two).
 
 One class per trainer (pytest-xdist schedules a class as a unit, so trainers run side by side);
 the tests live once, in :class:`TrainerTests`.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import glob
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -38,25 +40,6 @@ class TrainerTests:
         if not self.trainer.stage1:
             return None
         return self.trainer.train_stage1(str(tmp_path_factory.mktemp(f"{self.trainer.name}_s1")))
-
-    def test_train_and_evaluate_writes_outputs(self, stage1_dir, tmp_path):
-        t = self.trainer
-        config = t.tiny_config(stage1_dir)
-        workdir = str(tmp_path / "w")
-        result = t.module.train_and_evaluate(config, workdir)
-        assert set(t.eval_keys) <= set(result), result
-        assert all(np.isfinite(result[k]) for k in t.eval_keys), result
-        steps = config.num_train_steps
-        logged = sorted(trainers.train_losses(workdir))
-        assert logged == list(range(config.log_every, steps + 1, config.log_every))
-        assert all(np.isfinite(v) for v in trainers.train_losses(workdir).values())
-        assert glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
-        evals = range(config.eval_every, steps + 1, config.eval_every)
-        grids = sorted(os.path.basename(g) for g in glob.glob(f"{workdir}/samples/{t.name}_*.png"))
-        assert grids == [f"{t.name}_step{s:07d}.png" for s in evals]
-        ckdir = workdirs.checkpoint_dir(workdir)
-        assert workdirs.latest_step(ckdir) == steps
-        assert workdirs.read_config(ckdir)["trainer"] == t.name
 
     def test_bfloat16_training_learns_a_batch(self, stage1_dir):
         """In bfloat16 compute (float32 parameters) repeated steps on one batch lower its loss."""
@@ -98,38 +81,68 @@ class TrainerTests:
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
     @pytest.mark.slow
-    def test_sigterm_saves_and_sigkill_resumes_like_an_uninterrupted_run(self, tmp_path):
+    @pytest.mark.multiprocess
+    def test_two_processes_train_and_resume_like_one_process_on_two_devices(
+        self, stage1_dir, tmp_path
+    ):
+        """The main command as a two-host user runs it: two processes with one CPU device each
+        (gloo collectives) give the losses and eval of one process on two devices, also after
+        a SIGKILL of both and a resume. For the stage-I trainer the reference run is itself
+        stopped by SIGTERM and resumed (one process), and SIGTERM to one of the two processes
+        makes both save at the same step and exit 0."""
         t = self.trainer
         base = [
             f"--config=configs/{t.config}.py:tiny",
             f"--config.num_train_steps={STEPS}",
-            "--config.eval_every=0",
+            f"--config.eval_every={STEPS}",
+            "--config.checkpoint_every=2",
+            "--config.mesh.data=-1",
         ]
         full = str(tmp_path / "full")
-        res = _run(full, base)  # a stage II trains its tokenizer first, in <workdir>/stage1
+        every = [f"--config.eval_every={STEPS // 2}"]  # the reference also evaluates mid-run
+        if t.name == "vqgan":
+            (code,), out = _start_and_signal(full, signal.SIGTERM, 2, base + every, devices=2)
+            assert code == 0 and "SIGTERM" in out, out[-3000:]
+            assert 2 <= _steps(full)[-1] < STEPS
+        extra = [f"--config.stage1.workdir={stage1_dir}"] if t.stage1 else []
+        res = _run(full, base + extra + every, devices=2)
         assert res.returncode == 0, res.stderr[-3000:]
-        extra = [f"--config.stage1.workdir={full}/stage1"] if t.stage1 else []
+        _check_outputs(t, full)
 
         part = str(tmp_path / "part")
-        code, out = _start_and_signal(part, signal.SIGTERM, 2, base + extra)
-        assert code == 0, out[-3000:]
-        assert "SIGTERM" in out
-        stopped_at = _steps(part)[-1]
-        assert 2 <= stopped_at < STEPS
-
-        code, out = _start_and_signal(part, signal.SIGKILL, stopped_at + 2, base + extra)
-        assert code == -signal.SIGKILL, out[-3000:]
+        stopped_at = 0
+        if t.name == "vqgan":
+            codes, out = _start_and_signal(part, signal.SIGTERM, 2, base, processes=2, only=1)
+            assert codes == [0, 0], out[-3000:]
+            stopped_at = _steps(part)[-1]
+            assert 2 <= stopped_at < STEPS
+            for i in range(2):
+                log = _log(part, i)
+                assert f"Stopping at step {stopped_at} after SIGTERM" in log, log[-3000:]
+        codes, out = _start_and_signal(
+            part, signal.SIGKILL, stopped_at + 2, base + extra, processes=2
+        )
+        assert codes == [-signal.SIGKILL] * 2, out[-3000:]
         killed_after = _steps(part)[-1]
-        assert killed_after > stopped_at
+        assert stopped_at < killed_after < STEPS
 
-        res = _run(part, base + extra)
-        assert res.returncode == 0, res.stderr[-3000:]
-        assert f"Resuming {t.name} from step {killed_after}" in res.stderr
+        codes, out = _start_and_signal(part, None, 0, base + extra, processes=2)
+        assert codes == [0, 0], out[-3000:]
+        assert f"Resuming {t.name} from step {killed_after}" in out
         a, b = trainers.train_losses(full), trainers.train_losses(part)
         resumed = [s for s in a if s > killed_after]
         assert resumed, (a, killed_after)
         for s in resumed:
-            np.testing.assert_allclose(b[s], a[s], rtol=1e-6, err_msg=f"step {s}")
+            np.testing.assert_allclose(b[s], a[s], rtol=1e-5, err_msg=f"step {s}")
+        evals = [r for r in trainers.jsonl(part) if any(k.startswith("eval/") for k in r)]
+        assert [r["step"] for r in evals] == [STEPS]  # written once, by process 0
+        (ref,) = [
+            r for r in trainers.jsonl(full) if f"eval/{t.eval_keys[0]}" in r and r["step"] == STEPS
+        ]
+        for k in t.eval_keys:
+            np.testing.assert_allclose(evals[0][f"eval/{k}"], ref[f"eval/{k}"], rtol=1e-4)
+        assert os.path.isfile(os.path.join(part, "train.1.log"))
+        assert not glob.glob(os.path.join(part, "train.2.log"))
 
 
 class TestVQGAN(TrainerTests):
@@ -146,9 +159,6 @@ class TestVQFR(TrainerTests):
 
 class TestOSDFaceVRE(TrainerTests):
     trainer = TRAINERS["osdface_vre"]
-    # Minutes of CI for what the loop's resume tests of the other trainers cover; the VRE's
-    # phases follow the restored ``state.step``.
-    test_sigterm_saves_and_sigkill_resumes_like_an_uninterrupted_run = None
 
 
 class TestOSDFace(TrainerTests):
@@ -185,44 +195,106 @@ def _cmd(workdir, args):
     return [sys.executable, "-m", "artfr_jax.main", *args, f"--workdir={workdir}"]
 
 
-def _run(workdir, args, timeout=600):
+def _steps(workdir):
+    d = os.path.join(workdir, "checkpoints")
+    return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+
+
+def _check_outputs(t: Trainer, workdir: str) -> None:
+    """What a finished run leaves: train losses at every log step, eval metrics, TensorBoard
+    events, eval grids, the last checkpoint with its config."""
+    config = t.tiny_config()
+    logged = sorted(trainers.train_losses(workdir))
+    assert logged == list(range(config.log_every, STEPS + 1, config.log_every)), logged
+    assert all(np.isfinite(v) for v in trainers.train_losses(workdir).values())
+    evals = [r for r in trainers.jsonl(workdir) if any(k.startswith("eval/") for k in r)]
+    assert [r["step"] for r in evals] == [STEPS // 2, STEPS], evals
+    for r in evals:
+        assert all(np.isfinite(r[f"eval/{k}"]) for k in t.eval_keys), r
+    assert glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
+    grids = sorted(os.path.basename(g) for g in glob.glob(f"{workdir}/samples/{t.name}_*.png"))
+    assert grids == [f"{t.name}_step{s:07d}.png" for s in (STEPS // 2, STEPS)], grids
+    ckdir = workdirs.checkpoint_dir(workdir)
+    assert workdirs.latest_step(ckdir) == STEPS
+    assert workdirs.read_config(ckdir)["trainer"] == t.name
+
+
+def _env(devices: int) -> dict[str, str]:
+    env = command_env()
+    env["XLA_FLAGS"] += f" --xla_force_host_platform_device_count={devices}"
+    return env
+
+
+def _run(workdir, args, timeout=600, devices=1):
     return subprocess.run(
         _cmd(workdir, args),
         cwd=ROOT,
-        env=command_env(),
+        env=_env(devices),
         capture_output=True,
         text=True,
         timeout=timeout,
     )
 
 
-def _steps(workdir):
-    d = os.path.join(workdir, "checkpoints")
-    return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+def _log(workdir, process):
+    name = "train.log" if process == 0 else f"train.{process}.log"
+    with open(os.path.join(workdir, name), encoding="utf-8") as f:
+        return f.read()
 
 
-def _start_and_signal(workdir, sig, after_step, args):
-    """Starts a run and sends ``sig`` once a checkpoint of at least ``after_step`` exists.
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
-    The run's output goes to a file, not a pipe: nothing reads a pipe while the run trains, and a
-    full pipe would block the run's logging (and so the run) before its first checkpoint."""
+
+def _start_and_signal(workdir, sig, after_step, args, *, processes=1, devices=1, only=None):
+    """Starts a run (``processes`` processes on localhost, ``devices`` CPU devices each) and,
+    unless ``sig`` is None, sends ``sig`` once a checkpoint of at least ``after_step`` exists:
+    to process ``only``, or to all. Returns (exit codes, output of all processes).
+
+    The output goes to files, not pipes: nothing reads a pipe while the run trains, and a full
+    pipe would block the run's logging (and so the run) before its first checkpoint."""
     os.makedirs(workdir, exist_ok=True)
-    with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen(
-            _cmd(workdir, [*args, "--config.checkpoint_every=2"]),
-            cwd=ROOT,
-            env=command_env(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
-        deadline = time.time() + 600
-        while time.time() < deadline and proc.poll() is None:
+    flags = []
+    if processes > 1:
+        flags = [f"--coordinator_address=127.0.0.1:{_free_port()}", f"--num_processes={processes}"]
+    logs, procs = [], []
+    try:
+        for i in range(processes):
+            logs.append(tempfile.TemporaryFile("w+"))
+            ids = [f"--process_id={i}"] if processes > 1 else []
+            procs.append(
+                subprocess.Popen(
+                    _cmd(workdir, [*args, *flags, *ids]),
+                    cwd=ROOT,
+                    env=_env(devices),
+                    stdout=logs[-1],
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                    start_new_session=True,
+                )
+            )
+        deadline = time.time() + 900
+        while sig is not None and time.time() < deadline and procs[0].poll() is None:
             if any(s >= after_step for s in _steps(workdir)):
-                os.killpg(proc.pid, sig)
+                for i, proc in enumerate(procs):
+                    if only is None or i == only:
+                        os.killpg(proc.pid, sig)
                 break
             time.sleep(0.2)
-        proc.wait(timeout=300)
-        log.seek(0)
-        return proc.returncode, log.read()
+        codes = []
+        for proc in procs:
+            try:
+                codes.append(proc.wait(timeout=max(60, deadline - time.time())))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                codes.append(proc.wait())
+        out = []
+        for i, log in enumerate(logs):
+            log.seek(0)
+            out.append(f"--- process {i} ---\n{log.read()}")
+        return codes, "\n".join(out)
+    finally:
+        for log in logs:
+            log.close()

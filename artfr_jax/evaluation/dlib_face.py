@@ -35,69 +35,24 @@ evaluation code imports without it.
 from __future__ import annotations
 
 import functools
-import importlib.util
-import os
 
 import numpy as np
 
 from artfr_jax.evaluation.metrics import angle_degrees
 
+# The model-file helpers live in faces.detection (importable without JAX); re-exported here.
+from artfr_jax.faces.detection import (  # noqa: F401
+    _INSTALL,
+    _MODEL_FILES,
+    _dlib,
+    _models_dir,
+    dlib_available,
+    model_path,
+)
+
 FFHQ_FALLBACK_BOX = (0.24, 0.34, 0.76, 0.86)
 LMD_REFERENCE_SIZE = 512
-_INSTALL = "pip install -e '.[eval]' (installs dlib-bin and face_recognition_models)"
-_MODEL_FILES = (
-    "shape_predictor_68_face_landmarks.dat",
-    "shape_predictor_5_face_landmarks.dat",
-    "dlib_face_recognition_resnet_model_v1.dat",
-    "mmod_human_face_detector.dat",
-)
 _BATCH = 32  # images per batched descriptor call (bounds the memory of the aligned chips)
-
-
-def _models_dir() -> str | None:
-    # Not `import face_recognition_models`: its __init__ imports pkg_resources, which current
-    # setuptools no longer ships.
-    spec = importlib.util.find_spec("face_recognition_models")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return os.path.join(list(spec.submodule_search_locations)[0], "models")
-
-
-def dlib_available() -> str | None:
-    """None when dlib and its model files are usable, else a one-line reason naming the fix."""
-    if importlib.util.find_spec("dlib") is None:
-        return f"dlib is not installed: {_INSTALL}"
-    directory = _models_dir()
-    if directory is None:
-        return f"face_recognition_models is not installed: {_INSTALL}"
-    missing = [f for f in _MODEL_FILES[:3] if not os.path.isfile(os.path.join(directory, f))]
-    if missing:
-        return f"face_recognition_models lacks {', '.join(missing)} in {directory}: {_INSTALL}"
-    return None
-
-
-def _dlib():
-    reason = dlib_available()
-    if reason is not None:
-        raise ImportError(reason)
-    import dlib
-
-    return dlib
-
-
-def model_path(name: str) -> str:
-    """Path of a ``face_recognition_models`` file, e.g. ``shape_predictor_5_face_landmarks.dat``."""
-    if name not in _MODEL_FILES:
-        raise ValueError(
-            f"dlib_face.model_path: unknown model {name!r}, expected one of {_MODEL_FILES}"
-        )
-    directory = _models_dir()
-    if directory is None:
-        raise ImportError(f"face_recognition_models is not installed: {_INSTALL}")
-    path = os.path.join(directory, name)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"dlib model file {path} is missing: {_INSTALL}")
-    return path
 
 
 @functools.lru_cache(maxsize=1)
@@ -291,24 +246,21 @@ def align_ffhq(image: np.ndarray, landmarks68: np.ndarray, size: int) -> np.ndar
     """
     import cv2
 
+    from artfr_jax.faces.align import ffhq_quad
+
     image = _check_image(image, "image")
     lm = np.asarray(landmarks68, np.float64)
     if lm.shape != (68, 2):
         raise ValueError(f"dlib_face.align_ffhq: landmarks68 must be [68, 2], got {lm.shape}")
-    eye_l, eye_r = lm[36:42].mean(0), lm[42:48].mean(0)
-    eye_c = (eye_l + eye_r) / 2
-    eye_to_eye = eye_r - eye_l
-    eye_to_mouth = (lm[48] + lm[54]) / 2 - eye_c
-    x = eye_to_eye - np.flipud(eye_to_mouth) * [-1, 1]
-    x /= np.hypot(*x)
-    x *= max(np.hypot(*eye_to_eye) * 2.0, np.hypot(*eye_to_mouth) * 1.8)
-    y = np.flipud(x) * [-1, 1]
-    c = eye_c + eye_to_mouth * 0.1
+    quad = ffhq_quad(lm)
+    # Corners at pixel centres here (NVlabs, and align.quad_transform, put them at pixel edges,
+    # half a pixel out at most); kept so that existing crops and measurements stay the same.
+    x = (quad[3] - quad[0]) / 2  # the square's half-side vector
     # Warp at an integer multiple of the output size, then area-average down: warpAffine alone
     # aliases when the face is much larger than the crop.
     factor = max(1, int(2 * np.hypot(*x) / size))
     big = size * factor
-    src = np.float32([c - x - y, c - x + y, c + x + y])
+    src = np.float32(quad[:3])
     dst = np.float32([[0, 0], [0, big], [big, big]])
     m = cv2.getAffineTransform(src, dst)
     out = cv2.warpAffine(

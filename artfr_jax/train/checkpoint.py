@@ -12,17 +12,38 @@ import os
 from typing import Any
 
 import grain
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
-from absl import logging
+from absl import flags, logging
 
 from artfr_jax import workdirs
 from artfr_jax.train import state as state_lib
+
+# Orbax's flag: barriers through the coordination service instead of a device collective.
+_ORBAX_BARRIER_FLAG = "experimental_orbax_use_distributed_barrier"
+
+
+def _use_coordination_barriers() -> None:
+    """On several processes, makes orbax meet through the coordination service.
+
+    By default orbax's barrier is a device all-reduce, and an async save runs it on a background
+    thread while the main thread runs the train step's collectives. CPU collectives (gloo) are
+    matched by their order on each process, so the two interleave differently on two hosts and
+    the run hangs at a save. Coordination-service barriers are no device collective at all. A
+    value the user gave on the command line is kept.
+    """
+    if jax.process_count() == 1 or _ORBAX_BARRIER_FLAG not in flags.FLAGS:
+        return
+    flag = flags.FLAGS[_ORBAX_BARRIER_FLAG]
+    if not flag.present:
+        flag.parse(True)  # also readable before absl parses argv (notebooks, tests)
 
 
 def make_manager(
     workdir: str, *, max_to_keep: int = 3, async_save: bool = True
 ) -> ocp.CheckpointManager:
+    _use_coordination_barriers()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
         create=True,
