@@ -11,6 +11,7 @@
 #   stage1       stage-I VQGAN train step (configs/vqgan.py paper), bf16, step time and MFU
 #   stage2       ART-FR stage-II train step (configs/art.py paper; random tokenizer weights)
 #   restoration  512-px restoration: batch-1 latency, throughput up to the largest batch that fits
+#   osdface      OSDFace one-step restoration at 512 px (paper model, random weights): batch 1, 16
 #   attention    jax.nn.dot_product_attention, XLA vs cuDNN, at the token transformer's shapes
 #   data         data pipeline pairs/s with one worker per host core
 # then a summary table (Markdown). MFU = XLA's FLOPs of the compiled step (cost_analysis) / step
@@ -80,6 +81,7 @@ if ((DRY_RUN)); then
   [[ "${XLA_FLAGS:-}" == *xla_backend_optimization_level* ]] ||
     export XLA_FLAGS="${XLA_FLAGS:-} --xla_backend_optimization_level=0"
   RESTORE=(--config=tiny --steps=2 --repeats=1 --warmup=0 --batches=1)
+  OSDFACE=(--small --size=32 --batch=1 --repeats=1 --warmup=0)
   ATTENTION=(--config=tiny --batches=2 --repeats=1 --inner=1)
   DATA=(--size 64 --seconds 0.3 --runs 1 --workers 1 --batch 4)
 else
@@ -100,6 +102,7 @@ else
   STAGE1_REMAT="${STAGE1_REMAT:-1}"
   STAGE2_REMAT="${STAGE2_REMAT:-0}"
   RESTORE=(--config=paper --repeats=5 --warmup=1 --batches="${RESTORE_BATCHES:-1,32,256}")
+  OSDFACE=(--batch=1,16 --dtype=bfloat16 --repeats=10 --warmup=2)
   ATTENTION=(--config=paper --repeats=5 --inner=20)
   DATA=(--seconds 2 --runs 3 --workers "${DATA_WORKERS:-$(nproc)}")
 fi
@@ -196,6 +199,7 @@ main() {
   step_part stage2 100 benchmarks.art_train_step "$STAGE2_BATCH" "$STAGE2_REMAT" "${STAGE2[@]}" \
     --dtype=bfloat16
   run_part restoration 150 "$PY" -m benchmarks.restoration "${RESTORE[@]}" --dtype=bfloat16
+  run_part osdface 100 "$PY" -m benchmarks.osdface --parts=latency "${OSDFACE[@]}"
   run_part attention 35 "$PY" -m benchmarks.attention "${ATTENTION[@]}" --dtype=bfloat16
   run_part data 60 "$PY" -m benchmarks.data_pipeline "${DATA[@]}"
 

@@ -105,6 +105,16 @@ def _data(log_text: str) -> str:
     return text + (f" on {cpus.group(1)} CPUs" if cpus else "")
 
 
+def _osdface(log_text: str) -> str:
+    rows = re.findall(
+        r"latency batch\s+(\d+): compile\s+([\d.]+) s\s+ms/call\s+([\d.]+).*?ms/face\s+([\d.]+)",
+        log_text,
+    )
+    if not rows:
+        return "no latency line found in its log"
+    return "; ".join(f"batch {b}: {float(f):.1f} ms/face (compile {c} s)" for b, c, _, f in rows)
+
+
 def _preflight(r) -> str:
     if r is None:
         return "no result recorded"
@@ -148,6 +158,8 @@ def summarise(work: str) -> tuple[list[tuple[str, str, str, str]], bool]:
             result = _attention(records, part)
         elif part == "data":
             result = _data(_read(os.path.join(work, "data.log")))
+        elif part == "osdface":
+            result = _osdface(_read(os.path.join(work, "osdface.log")))
         else:
             result = ""
         if rc != 0 and result == "no result recorded":

@@ -658,11 +658,27 @@ def test_restore_command_with_the_release(release, tmp_path):
     Image.fromarray(img).save(src / "face.png")
     fv = flags.FlagValues()
     restore.define_flags(fv)
-    fv(["restore", "--mode=aligned", f"--weights={folder}", f"--input={src}", f"--output={tmp_path / 'o'}"])
+    fv(
+        [
+            "restore",
+            "--mode=aligned",
+            f"--weights={folder}",
+            f"--input={src}",
+            f"--output={tmp_path / 'o'}",
+        ]
+    )
     assert restore.main(["restore"], fv) == 0
     assert np.asarray(Image.open(tmp_path / "o" / "face.png")).shape == (SIZE, SIZE, 3)
     fv = flags.FlagValues()
     restore.define_flags(fv)
-    fv(["restore", "--mode=aligned", f"--weights={folder}", f"--input={src}", f"--output={tmp_path / 'x'}"])
+    fv(
+        [
+            "restore",
+            "--mode=aligned",
+            f"--weights={folder}",
+            f"--input={src}",
+            f"--output={tmp_path / 'x'}",
+        ]
+    )
     fv.method = "vqfr"
     assert restore.main(["restore"], fv) == 2  # the folder holds OSDFace, not VQFR

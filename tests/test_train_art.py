@@ -16,7 +16,7 @@ from absl import flags
 from artfr_jax import inference, restore, workdirs
 from artfr_jax.train import art_trainer, sharding
 from experiments import token_accuracy
-from tests import trainers
+from tests import photos, trainers
 
 ART = trainers.TRAINERS["art"]
 tiny_config = ART.tiny_config
@@ -76,7 +76,15 @@ def test_train_and_evaluate_then_restore(trained, tmp_path):
     (src / "broken.jpg").write_text("not an image")
     fv = flags.FlagValues()
     restore.define_flags(fv)
-    fv(["restore", "--mode=aligned", f"--workdir={workdir}", f"--input={src}", f"--output={tmp_path / 'out'}"])
+    fv(
+        [
+            "restore",
+            "--mode=aligned",
+            f"--workdir={workdir}",
+            f"--input={src}",
+            f"--output={tmp_path / 'out'}",
+        ]
+    )
     assert restore.main(["restore"], fv) == 1
     out = np.asarray(Image.open(tmp_path / "out" / "face.png"))
     assert out.shape == (32, 32, 3)
@@ -198,3 +206,8 @@ def test_restoring_loads_no_training_code(trained, tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "LOADED []" in out.stdout, out.stdout
+
+
+def test_whole_photos_with_the_trained_workdir(trained, tmp_path):
+    """Real photos (astronaut, a group of six): every face found, restored, pasted back."""
+    photos.check_whole_photos(tmp_path, f"--workdir={trained[0]}")

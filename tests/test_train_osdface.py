@@ -11,7 +11,7 @@ from artfr_jax import restore
 from artfr_jax.models import naming
 from artfr_jax.train import osdface_trainer, osdface_vre_trainer
 from configs import osdface as osdface_config
-from tests import trainers
+from tests import photos, trainers
 from tests.test_restore_cli import _mixed_folder, _snapshot
 
 OSD = trainers.TRAINERS["osdface"]
@@ -99,13 +99,30 @@ def test_restore_command_on_an_osdface_workdir(trained, tmp_path):
     out = tmp_path / "out"
     fv = flags.FlagValues()
     restore.define_flags(fv)
-    fv(["restore", "--mode=aligned", f"--workdir={trained}", f"--input={src}", f"--output={out}", "--method=osdface"])
+    fv(
+        [
+            "restore",
+            "--mode=aligned",
+            f"--workdir={trained}",
+            f"--input={src}",
+            f"--output={out}",
+            "--method=osdface",
+        ]
+    )
     assert restore.main(["restore"], fv) == 1  # the broken files fail, the rest is restored
     assert len(list(out.glob("*.png"))) == len(good)
     assert _snapshot(src) == before
     fv = flags.FlagValues()
     restore.define_flags(fv)
-    fv(["restore", "--mode=aligned", f"--workdir={trained}", f"--input={src}", f"--output={tmp_path / 'x'}"])
+    fv(
+        [
+            "restore",
+            "--mode=aligned",
+            f"--workdir={trained}",
+            f"--input={src}",
+            f"--output={tmp_path / 'x'}",
+        ]
+    )
     fv.method = "vqfr"
     assert restore.main(["restore"], fv) == 2  # the workdir holds OSDFace, not VQFR
 
@@ -120,3 +137,8 @@ def test_paper_config_needs_sd_weights(stage1, tmp_path):
     msg = str(e.value)
     assert "\n" not in msg
     assert "config.model.sd_weights" in msg and "artfr_jax.convert.diffusers_sd" in msg
+
+
+def test_whole_photos_with_the_trained_workdir(trained, tmp_path):
+    """Real photos (astronaut, a group of six): every face found, restored, pasted back."""
+    photos.check_whole_photos(tmp_path, f"--workdir={trained}")

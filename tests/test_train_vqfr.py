@@ -13,7 +13,7 @@ from artfr_jax import inference, restore, workdirs
 from artfr_jax.models import factory
 from artfr_jax.train import sharding, vqfr_trainer, vqgan_trainer
 from configs import vqfr as vqfr_config
-from tests import trainers
+from tests import photos, trainers
 from tests.test_restore_cli import _mixed_folder, _snapshot
 
 VQFR = trainers.TRAINERS["vqfr"]
@@ -83,7 +83,15 @@ def test_train_and_evaluate_then_restore_a_mixed_folder(trained, tmp_path):
     before = _snapshot(src)
     fv = flags.FlagValues()
     restore.define_flags(fv)
-    fv(["restore", "--mode=aligned", f"--workdir={workdir}", f"--input={src}", f"--output={tmp_path / 'main'}"])
+    fv(
+        [
+            "restore",
+            "--mode=aligned",
+            f"--workdir={workdir}",
+            f"--input={src}",
+            f"--output={tmp_path / 'main'}",
+        ]
+    )
     assert restore.main(["restore"], fv) == 1  # the broken files failed, the rest was restored
     names = sorted(os.path.splitext(os.path.basename(p))[0] + ".png" for p in good)
     assert sorted(f for f in os.listdir(tmp_path / "main") if f.endswith(".png")) == names
@@ -147,3 +155,8 @@ def test_init_from_a_workdir_or_a_converted_file(stage1, trained, tmp_path):
     missing = str(tmp_path / "vqfr_v1.msgpack")
     with pytest.raises(FileNotFoundError, match=r"config.init_from: .*python -m artfr_jax"):
         vqfr_trainer.make_stage(tiny_config(stage1, init_from=missing), str(tmp_path / "y"))
+
+
+def test_whole_photos_with_the_trained_workdir(trained, tmp_path):
+    """Real photos (astronaut, a group of six): every face found, restored, pasted back."""
+    photos.check_whole_photos(tmp_path, f"--workdir={trained[0]}")

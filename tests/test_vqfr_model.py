@@ -697,7 +697,16 @@ def test_restore_command_with_converted_official_weights(tmp_path, monkeypatch, 
         fv = flags.FlagValues()
         restore.define_flags(fv)
         dst = tmp_path / f"out{len(extra)}"
-        fv(["restore", "--mode=aligned", f"--weights={out}", f"--input={faces}", f"--output={dst}", *extra])
+        fv(
+            [
+                "restore",
+                "--mode=aligned",
+                f"--weights={out}",
+                f"--input={faces}",
+                f"--output={dst}",
+                *extra,
+            ]
+        )
         assert restore.main(["restore"], fv) == 0
         want_u8 = np.clip(np.round((to_nhwc(want) + 1) * 127.5), 0, 255)
         for i in range(2):
@@ -706,7 +715,15 @@ def test_restore_command_with_converted_official_weights(tmp_path, monkeypatch, 
     # A file that is not VQFR v1 at the paper configuration: one line naming it and the converter.
     fv = flags.FlagValues()
     restore.define_flags(fv)
-    fv(["restore", "--mode=aligned", f"--weights={out}", f"--input={faces}", f"--output={tmp_path / 'o'}"])
+    fv(
+        [
+            "restore",
+            "--mode=aligned",
+            f"--weights={out}",
+            f"--input={faces}",
+            f"--output={tmp_path / 'o'}",
+        ]
+    )
     monkeypatch.setattr(
         restore, "_load_restorer", lambda w, **kw: inference.load_converted_vqfr(kw["weights"])
     )

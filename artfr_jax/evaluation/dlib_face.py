@@ -2,7 +2,7 @@
 
 The papers compute Deg. with ArcFace embeddings and LMD with an AWing landmark network (WFLW, 98
 points). Neither set of weights is available here, so this module uses what ships in the
-``face_recognition_models`` package (``pip install -e '.[eval]'`` installs it with ``dlib-bin``):
+``face_recognition_models`` package (in the core install, with ``dlib-bin``):
 
 * identity: dlib's ResNet face descriptor v1 (128-D; 5-point predictor, 150 px aligned chip with
   0.25 padding, as ``dlib.face_recognition_model_v1`` does it); Deg. is the angle between the

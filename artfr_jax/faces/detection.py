@@ -37,7 +37,7 @@ from typing import Protocol
 import cv2
 import numpy as np
 
-_INSTALL = "pip install -e '.[eval]' (installs dlib-bin and face_recognition_models)"
+_INSTALL = "pip install -e . (the core install has dlib-bin and face_recognition_models)"
 _MODEL_FILES = (
     "shape_predictor_68_face_landmarks.dat",
     "shape_predictor_5_face_landmarks.dat",

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Callable, Sequence
 
 import cv2
@@ -234,24 +235,37 @@ def restore_photo(
     options: Options = Options(),
     *,
     faces: Sequence[detection.Face] | None = None,
+    times: dict[str, float] | None = None,
 ) -> PhotoResult:
     """Restores every face of ``photo`` (a ``read_photo`` array) and pastes them back.
 
     ``faces`` (input coordinates) replaces detection (the video path passes tracked faces).
+    ``times``, when given, gets the seconds of each part added: ``detect``, ``align`` (choice,
+    transforms, crops), ``restore`` (the model calls, results on the host) and ``paste`` (the
+    upscaled canvas, colour fix, pastes, boxes) (``benchmarks/whole_photo.py``).
     """
+    clock = [time.perf_counter()]
+
+    def lap(part: str) -> None:
+        now = time.perf_counter()
+        if times is not None:
+            times[part] = times.get(part, 0.0) + now - clock[0]
+        clock[0] = now
+
     rgb = to_rgb8(photo)
     if faces is None:
         faces = detector.detect(rgb)
+    lap("detect")
     found = len(faces)
     faces = select(faces, rgb.shape, options)
     size, s = int(restorer.image_size), int(options.upscale)
-    canvas = upscale_photo(photo, s)
-    if not faces:
-        return PhotoResult(canvas, [], [], [], dropped=found)
     matrices = [align.transform(f, size) for f in faces]
     crops = [align.warp_face(rgb, m, size) for m in matrices]
     del rgb  # a copy for gray or 16-bit photos
-    restored = restore_crops(restorer, crops, key, options.batch_size)
+    lap("align")
+    restored = restore_crops(restorer, crops, key, options.batch_size) if crops else []
+    lap("restore")
+    canvas = upscale_photo(photo, s)
     if options.color_fix != "none":
         restored = [
             paste.color_transfer(r, c, method=options.color_fix)
@@ -263,6 +277,7 @@ def restore_photo(
     if options.draw_box:
         for f in faces:
             _draw_box(canvas, f, s)
+    lap("paste")
     return PhotoResult(canvas, list(faces), crops, restored, dropped=found - len(faces))
 
 
