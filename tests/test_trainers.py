@@ -95,19 +95,24 @@ class TrainerTests:
             f"--config=configs/{t.config}.py:tiny",
             f"--config.num_train_steps={STEPS}",
             f"--config.eval_every={STEPS}",
-            "--config.checkpoint_every=2",
+            "--config.checkpoint_every=3",
             "--config.mesh.data=-1",
+            *t.command,
         ]
         full = str(tmp_path / "full")
         every = [f"--config.eval_every={STEPS // 2}"]  # the reference also evaluates mid-run
-        if t.name == "vqgan":
-            (code,), out = _start_and_signal(full, signal.SIGTERM, 2, base + every, devices=2)
+        if t.name == "vqgan":  # --verbosity=1: the full log on the console
+            args = base + every + ["--verbosity=1"]
+            (code,), out = _start_and_signal(full, signal.SIGTERM, 2, args, devices=2)
             assert code == 0 and "SIGTERM" in out, out[-3000:]
+            assert "CheckpointManager" in out
             assert 2 <= _steps(full)[-1] < STEPS
         extra = [f"--config.stage1.workdir={stage1_dir}"] if t.stage1 else []
-        res = _run(full, base + extra + every, devices=2)
+        # Uninterrupted from here: a checkpoint at the end is enough.
+        res = _run(full, base + extra + every + [f"--config.checkpoint_every={STEPS}"], devices=2)
         assert res.returncode == 0, res.stderr[-3000:]
         _check_outputs(t, full)
+        _check_console(t, full, res.stderr)
 
         part = str(tmp_path / "part")
         stopped_at = 0
@@ -159,6 +164,18 @@ class TestVQFR(TrainerTests):
 
 class TestOSDFaceVRE(TrainerTests):
     trainer = TRAINERS["osdface_vre"]
+
+    # Ten minutes of CI on 2 cores for the loop's multi-process code, which the other trainers'
+    # runs cover; `pytest -m extended` runs it.
+    @pytest.mark.extended
+    @pytest.mark.slow
+    @pytest.mark.multiprocess
+    def test_two_processes_train_and_resume_like_one_process_on_two_devices(
+        self, stage1_dir, tmp_path
+    ):
+        super().test_two_processes_train_and_resume_like_one_process_on_two_devices(
+            stage1_dir, tmp_path
+        )
 
 
 class TestOSDFace(TrainerTests):
@@ -217,6 +234,21 @@ def _check_outputs(t: Trainer, workdir: str) -> None:
     ckdir = workdirs.checkpoint_dir(workdir)
     assert workdirs.latest_step(ckdir) == STEPS
     assert workdirs.read_config(ckdir)["trainer"] == t.name
+
+
+def _check_console(t: Trainer, workdir: str, stderr: str) -> None:
+    """Not a terminal: a line per log step instead of a bar, eval results, where outputs went, the
+    log file's path last; absl/orbax INFO records only in the log file."""
+    lines = stderr.splitlines()
+    every = t.tiny_config().log_every
+    assert any(line.startswith(f"{t.name} step {every}/{STEPS}, loss ") for line in lines), lines
+    assert any(line.startswith(f"{t.name} eval at step {STEPS}: ") for line in lines), lines
+    assert any(line.startswith(f"{t.name}: done at step {STEPS}. Checkpoints: ") for line in lines)
+    assert lines[-1] == f"Full log: {os.path.join(workdir, 'train.log')}", lines[-3:]
+    assert not any(line.startswith(("I1", "I0")) for line in lines), lines[:20]
+    with open(os.path.join(workdir, "train.log"), encoding="utf-8") as f:
+        log = f.read()
+    assert "CheckpointManager" in log and f"{t.name} eval at step {STEPS}" in log
 
 
 def _env(devices: int) -> dict[str, str]:

@@ -25,7 +25,8 @@ class Trainer:
     is needed first; eval_keys: metrics its eval step must report; learn: overrides under which a
     fixed batch must be learnt fast (a short schedule without GAN terms); watch: the metric that
     must fall; all_terms_step: a step at which every loss term (GANs, R1) is on; parity: overrides
-    for the 8-device test (e.g. dropout on, so that its randomness is compared too).
+    for the 8-device test (e.g. dropout on, so that its randomness is compared too); command:
+    flags added to the main-command runs of the two-process test.
     """
 
     name: str
@@ -36,6 +37,7 @@ class Trainer:
     watch: str
     all_terms_step: int
     parity: dict = dataclasses.field(default_factory=dict)
+    command: tuple[str, ...] = ()
 
     @property
     def module(self):
@@ -110,6 +112,9 @@ TRAINERS = {
             },
             watch="hq_l1",
             all_terms_step=4,  # the association phase of the tiny config
+            # One program (the association phase, both branches) instead of three per start; the
+            # phase is a function of the restored step (test_train_osdface.py).
+            command=("--config.phases.hq=0", "--config.phases.lq=0"),
         ),
         Trainer(
             name="osdface",
