@@ -95,7 +95,7 @@ class TrainerTests:
             f"--config=configs/{t.config}.py:tiny",
             f"--config.num_train_steps={STEPS}",
             f"--config.eval_every={STEPS}",
-            "--config.checkpoint_every=3",
+            "--config.checkpoint_every=2",
             "--config.mesh.data=-1",
             *t.command,
         ]
@@ -135,7 +135,9 @@ class TrainerTests:
         assert codes == [0, 0], out[-3000:]
         assert f"Resuming {t.name} from step {killed_after}" in out
         a, b = trainers.train_losses(full), trainers.train_losses(part)
-        resumed = [s for s in a if s > killed_after]
+        # A logged loss is the mean over its log window: compare the windows after the resume.
+        window = t.tiny_config().log_every
+        resumed = [s for s in a if s - window >= killed_after]
         assert resumed, (a, killed_after)
         for s in resumed:
             np.testing.assert_allclose(b[s], a[s], rtol=1e-5, err_msg=f"step {s}")
@@ -240,8 +242,7 @@ def _check_console(t: Trainer, workdir: str, stderr: str) -> None:
     """Not a terminal: a line per log step instead of a bar, eval results, where outputs went, the
     log file's path last; absl/orbax INFO records only in the log file."""
     lines = stderr.splitlines()
-    every = t.tiny_config().log_every
-    assert any(line.startswith(f"{t.name} step {every}/{STEPS}, loss ") for line in lines), lines
+    assert any(f"{t.name} step {STEPS}/{STEPS}, loss " in line for line in lines), lines
     assert any(line.startswith(f"{t.name} eval at step {STEPS}: ") for line in lines), lines
     assert any(line.startswith(f"{t.name}: done at step {STEPS}. Checkpoints: ") for line in lines)
     assert lines[-1] == f"Full log: {os.path.join(workdir, 'train.log')}", lines[-3:]
