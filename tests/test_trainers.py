@@ -167,8 +167,13 @@ class TestVQFR(TrainerTests):
 class TestOSDFaceVRE(TrainerTests):
     trainer = TRAINERS["osdface_vre"]
 
-    # Ten minutes of CI on 2 cores for the loop's multi-process code, which the other trainers'
-    # runs cover; `pytest -m extended` runs it.
+    # Ten minutes of CI on 2 cores for the loop's multi-process code, and three for its 8-device
+    # step, which the other trainers' runs cover (the OSDFace stage-2 trainer's included);
+    # `pytest -m extended` runs them.
+    @pytest.mark.extended
+    def test_eight_device_step_matches_one_device(self, stage1_dir):
+        super().test_eight_device_step_matches_one_device(stage1_dir)
+
     @pytest.mark.extended
     @pytest.mark.slow
     @pytest.mark.multiprocess
