@@ -202,6 +202,26 @@ def _unmerged_run(nets, config, schedule):
     return jax.jit(run)
 
 
+def make_restorer(nets, params, proj_params, lora_tree, size: int, timestep: int):
+    """``inference.OSDFaceRestorer`` (what ``restore`` runs) on ``build_networks``'s networks and
+    the given parameters (``params``: unet, vae, vre); ``lora_tree`` None for no LoRA."""
+    return inference.OSDFaceRestorer(
+        unet=nets.unet,
+        unet_params=params["unet"],
+        vae=nets.vae,
+        vae_params=params["vae"],
+        vre=nets.vre,
+        vre_params=params["vre"],
+        projection=nets.projection,
+        projection_params=proj_params,
+        schedule=noise_schedule.make_schedule(),
+        image_size=size,
+        lora=lora_tree,
+        lora_scale=nets.g_lora.scale,
+        timestep=timestep,
+    )
+
+
 def bench_latency(args, batches: list[int]) -> None:
     backend = jax.default_backend()
     dtype = args.dtype or ("float32" if backend == "cpu" else "bfloat16")
@@ -254,21 +274,7 @@ def bench_latency(args, batches: list[int]) -> None:
         run = _unmerged_run(nets, config, schedule)
         fn_params = {**params, "projection": proj_params, "lora": lora_tree}
     else:
-        restorer = inference.OSDFaceRestorer(
-            unet=nets.unet,
-            unet_params=params["unet"],
-            vae=nets.vae,
-            vae_params=params["vae"],
-            vre=nets.vre,
-            vre_params=params["vre"],
-            projection=nets.projection,
-            projection_params=proj_params,
-            schedule=schedule,
-            image_size=args.size,
-            lora=lora_tree,
-            lora_scale=nets.g_lora.scale,
-            timestep=int(m.timestep),
-        )
+        restorer = make_restorer(nets, params, proj_params, lora_tree, args.size, int(m.timestep))
         fn_params = jax.block_until_ready(restorer.params)
         # The restorer's one jitted function; compiled ahead of time here so that the compile
         # time is apart from the calls (``restorer(lq, rng)`` compiles it at its first call).

@@ -20,7 +20,6 @@ import numpy as np
 
 from artfr_jax import inference
 from artfr_jax.models import factory
-from artfr_jax.sampling import noise_schedule
 
 METHODS = ("identity", "art", "vqfr", "osdface")
 VARIANTS = ("paper", "smoke", "tiny")
@@ -110,20 +109,8 @@ def osdface(
     p0 = jnp.zeros((1, 1, nets.vre.embedding_dim), jnp.float32)
     proj_params = jax.jit(lambda k: nets.projection.init(k, p0)["params"])(keys[3])
     lora_tree = bench.random_lora(keys[4], params["unet"], nets.g_lora) if lora != "none" else None
-    return inference.OSDFaceRestorer(
-        unet=nets.unet,
-        unet_params=params["unet"],
-        vae=nets.vae,
-        vae_params=params["vae"],
-        vre=nets.vre,
-        vre_params=params["vre"],
-        projection=nets.projection,
-        projection_params=proj_params,
-        schedule=noise_schedule.make_schedule(),
-        image_size=size,
-        lora=lora_tree,
-        lora_scale=nets.g_lora.scale,
-        timestep=int(config.model.timestep),
+    return bench.make_restorer(
+        nets, params, proj_params, lora_tree, size, int(config.model.timestep)
     )
 
 
