@@ -503,8 +503,9 @@ def restore_whole_paths(
     report = RestoreReport(output_dir=out_dir, total=len(paths))
     dirs = {k: os.path.join(out_dir, v) for k, v in WHOLE_DIRS.items()}
     dirs["sbs"] = os.path.join(out_dir, SIDE_BY_SIDE_DIR)
+    written = {_real(d) for d in dirs.values()}
     for p in paths:
-        if os.path.dirname(_real(p)) in {_real(d) for d in dirs.values()}:
+        if os.path.dirname(_real(p)) in written:
             raise ValueError(f"output folder {out_dir!r} holds the input {p!r}; choose another")
     names = output_names(paths)
     key = jax.random.key(seed)

@@ -82,6 +82,7 @@ from artfr_jax.models.vae import AutoencoderKL  # noqa: E402
 from artfr_jax.sampling import noise_schedule  # noqa: E402
 from artfr_jax.train import loop, osdface_trainer, sharding  # noqa: E402
 from artfr_jax.utils import images as image_utils  # noqa: E402
+from benchmarks import results  # noqa: E402
 from benchmarks.vqgan_vs_diffusers import timed  # noqa: E402
 from configs import osdface as osdface_config  # noqa: E402
 
@@ -157,10 +158,7 @@ def _device_kind() -> str:
 
 def _print_rows(header: list[str], rows: list[list[str]]) -> None:
     print()
-    print("| " + " | ".join(header) + " |")
-    print("|" + "|".join("---" for _ in header) + "|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    print(results.markdown_table(header, rows))
     print()
     print("command: python -m benchmarks.osdface " + " ".join(sys.argv[1:]))
 

@@ -40,3 +40,10 @@ def read(path: str) -> list[dict]:
         except ValueError:
             continue
     return out
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    """A Markdown table: the header, the rule, one line per row (cells formatted with str)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -30,7 +30,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from artfr_jax.faces import detection, pipeline, video  # noqa: E402
-from benchmarks import restorers, whole_photo  # noqa: E402
+from benchmarks import restorers, results, whole_photo  # noqa: E402
 
 
 def write_clip(path, frames: int, width: int, height: int, noise: float, speed: float, seed=0):
@@ -93,14 +93,13 @@ def main(argv=None) -> list[dict]:
                     )
                 )
                 print(rows[-1], flush=True)
+    header = ["method", "S", "smoothing", "frames", "faces", "flicker input", "flicker output"]
+    keys = ["method", "size", "smoothing", "frames", "faces"]
+    table = [
+        [r[k] for k in keys] + [f"{r['flicker_in']:.2f}", f"{r['flicker_out']:.2f}"] for r in rows
+    ]
     print()
-    print("| method | S | smoothing | frames | faces | flicker input | flicker output |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| {r['method']} | {r['size']} | {r['smoothing']} | {r['frames']} | {r['faces']} | "
-            f"{r['flicker_in']:.2f} | {r['flicker_out']:.2f} |"
-        )
+    print(results.markdown_table(header, table))
     print("\ncommand: python -m benchmarks.video_flicker " + " ".join(argv or sys.argv[1:]))
     return rows
 

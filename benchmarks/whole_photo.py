@@ -332,10 +332,7 @@ def _detector(args) -> detection.Detector:
 
 def _table(header: list[str], rows: list[list[str]]) -> None:
     print()
-    print("| " + " | ".join(header) + " |")
-    print("|" + "|".join("---" for _ in header) + "|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    print(results.markdown_table(header, rows))
 
 
 def _list(value: str, choices, what: str, parser) -> list[str]:

@@ -348,6 +348,7 @@ def restore_video(
     info = video.video_info(path)
     tracker = tracker or video.Tracker()
     report, flick = VideoReport(), _Flicker()
+    size, s = int(restorer.image_size), int(options.upscale)
     with (
         video.read_frames(path) as frames,
         video.VideoWriter(output, info.fps, png_dir=png_dir) as writer,
@@ -357,7 +358,6 @@ def restore_video(
             tracked = [t.face for t in tracker.update(select(found, frame.shape, options))]
             result = restore_photo(frame, None, restorer, key, options, faces=tracked)
             writer.write(result.image)
-            size, s = int(restorer.image_size), int(options.upscale)
             mask = np.zeros(result.image.shape[:2], np.float32)
             for f in result.faces:
                 m = align.upscaled(align.transform(f, size), s)
