@@ -11,6 +11,7 @@ terminal), eval results and where the outputs went; the full log is ``WORKDIR/tr
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 
@@ -52,11 +53,37 @@ def run(config, workdir: str):
 
     if stage1.needs_training(config, workdir):
         directory = stage1.stage1_dir(config, workdir)
-        if jax.process_index() == 0:
-            console.say("Stage I first: %s in %s", config.stage1.config.trainer, directory)
-        run(config.stage1.config, directory)
+        with _stage1_lock(directory):  # sweep trials sharing one tokenizer train it once
+            if stage1.needs_training(config, workdir):
+                if jax.process_index() == 0:
+                    console.say("Stage I first: %s in %s", config.stage1.config.trainer, directory)
+                run(config.stage1.config, directory)
     trainer = importlib.import_module(TRAINERS[config.trainer])
     return trainer.train_and_evaluate(config, workdir)
+
+
+@contextlib.contextmanager
+def _stage1_lock(directory: str):
+    """A file lock next to a local stage-I workdir, for one-process runs: a second run that
+    needs the same tokenizer waits, then finds it trained. Several processes of one run train it
+    together, so they take no lock."""
+    if jax.process_count() > 1 or "://" in directory:
+        yield
+        return
+    import filelock  # noqa: PLC0415
+
+    path = os.path.normpath(directory) + ".lock"
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    lock = filelock.FileLock(path)
+    try:
+        lock.acquire(timeout=1)
+    except filelock.Timeout:
+        console.say("Waiting for another run that trains the tokenizer in %s", directory)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def initialize_distributed(from_cluster: bool) -> None:

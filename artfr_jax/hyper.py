@@ -1,0 +1,78 @@
+"""Sweeps as data: lists of ``{'config.a.b': value}`` trials, built from a few combinators.
+
+The style of the JAX research codebases' ``get_hyper(h)``: a config file (or a sweep file in
+``experiments/``) defines ::
+
+    def get_hyper(h):
+        return h.product([
+            h.sweep("config.seed", [0, 1]),
+            h.sweep("config.model.condition_mode", ["prefix", "concat", "cross_attention"]),
+        ])
+
+and ``python -m artfr_jax.launch`` runs one training per dict. A key names a config field
+(``config.`` is added where it is left out); a value is a Python bool, int, float, str, or a
+tuple/list of those.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+Trial = dict[str, Any]
+
+
+def _key(name: str) -> str:
+    if not isinstance(name, str) or not name.strip(".") or " " in name:
+        raise ValueError(
+            f"hyper: a sweep key must be a config field like 'config.a.b', not {name!r}"
+        )
+    return name if name.startswith("config.") else "config." + name
+
+
+def sweep(name: str, values: Iterable[Any]) -> list[Trial]:
+    """One trial per value of ``name``."""
+    key = _key(name)
+    trials = [{key: v} for v in values]
+    if not trials:
+        raise ValueError(f"hyper.sweep({name!r}, ...): no values")
+    return trials
+
+
+def fixed(name: str, value: Any, length: int = 1) -> list[Trial]:
+    """``length`` trials that all set ``name`` to ``value`` (a constant to zip or multiply)."""
+    return [{_key(name): value} for _ in range(length)]
+
+
+def _merge(parts: Sequence[Trial]) -> Trial:
+    merged: Trial = {}
+    for part in parts:
+        clash = sorted(k for k in part if k in merged and merged[k] != part[k])
+        if clash:
+            raise ValueError(f"hyper: {clash} set twice with different values in one trial")
+        merged.update(part)
+    return merged
+
+
+def product(sweeps: Sequence[list[Trial]]) -> list[Trial]:
+    """Every combination, the last sweep varying fastest (like ``itertools.product``)."""
+    return [_merge(parts) for parts in itertools.product(*sweeps)]
+
+
+def zipit(sweeps: Sequence[list[Trial]]) -> list[Trial]:
+    """Trial i takes the i-th trial of every sweep; the sweeps must be equally long."""
+    lengths = [len(s) for s in sweeps]
+    if len(set(lengths)) > 1:
+        raise ValueError(f"hyper.zipit: sweeps of different lengths {lengths}")
+    return [_merge(parts) for parts in zip(*sweeps, strict=True)]
+
+
+def chainit(sweeps: Sequence[list[Trial]]) -> list[Trial]:
+    """The trials of each sweep, one sweep after the other."""
+    return [dict(t) for s in sweeps for t in s]
+
+
+def identity() -> list[Trial]:
+    """One trial with no overrides (a config without a sweep)."""
+    return [{}]
