@@ -75,6 +75,23 @@ def test_make_testset_is_reproducible_and_per_image(split, tmp_path):
     assert not np.array_equal(_read(tmp_path / "s1" / "lq" / "synthetic_00000.png"), lq)
 
 
+def test_make_testset_takes_a_configs_degradation(tmp_path):
+    """A config's ``data.degradation`` (the ablations' 32-px demo model) replaces the preset; its
+    drawn ranges are the ones recorded."""
+    from artfr_jax.data import degradations
+    from artfr_jax.evaluation import testset
+
+    cfg = degradations.degradation_preset("artfr")
+    cfg.update(blur_sigma=(0.1, 0.2), noise_range=(1.0, 2.0), noise_levels=(1.0, 2.0))
+    meta = testset.make_testset(
+        str(tmp_path / "c"), synthetic=2, size=32, degradation=cfg, progress=False, log=print
+    )
+    assert meta["preset"] == "(config)" and meta["degradation"]["blur_sigma"] == [0.1, 0.2]
+    assert all(
+        0.1 <= p["sigma_x"] <= 0.2 and 1 <= p["noise_std"] <= 2 for p in meta["images"].values()
+    )
+
+
 def test_make_testset_from_folder_reports_bad_files_and_protects_inputs(split, tmp_path, capsys):
     gt = tmp_path / "faces"
     for name in ("a.png", "b.jpg"):

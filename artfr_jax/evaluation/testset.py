@@ -20,6 +20,7 @@ import os
 import zlib
 from collections.abc import Callable
 
+import ml_collections
 import numpy as np
 from tqdm import tqdm
 
@@ -50,6 +51,7 @@ def make_testset(
     size: int = 512,
     preset: str = DEFAULT_PRESET,
     seed: int = 0,
+    degradation: ml_collections.ConfigDict | None = None,
     overwrite: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
@@ -57,7 +59,8 @@ def make_testset(
     """Writes ``OUT/{gt,lq}/<stem>.png`` and ``OUT/testset.json``; returns the JSON dict.
 
     Exactly one of ``gt_folder`` (top-level images) and ``synthetic`` (> 0 synthetic faces named
-    ``synthetic_00000`` ...) is the source. Unreadable GT files are logged and left out. Raises
+    ``synthetic_00000`` ...) is the source; ``degradation`` (a ``config.data.degradation``)
+    replaces ``preset`` where given. Unreadable GT files are logged and left out. Raises
     ``ValueError`` with a one-line message for bad arguments, an output folder inside the GT
     folder, or an existing split (unless ``overwrite``).
     """
@@ -65,7 +68,8 @@ def make_testset(
         raise ValueError("--make_testset needs exactly one source: --gt=DIR or --synthetic=N")
     if size < 8:
         raise ValueError(f"--size must be at least 8 pixels, got {size}")
-    cfg = degradations.degradation_preset(preset)  # raises on an unknown name
+    # A config's own degradation (e.g. the demo's, scaled to 32 px) replaces the named preset.
+    cfg = degradation if degradation is not None else degradations.degradation_preset(preset)
     if gt_folder:
         files, _ = pairs_lib.list_image_files(gt_folder, "--gt")
         real = os.path.realpath(gt_folder)
@@ -108,7 +112,7 @@ def make_testset(
     meta = {
         "source": os.path.abspath(gt_folder) if gt_folder else f"synthetic faces (seed {seed})",
         "size": size,
-        "preset": preset,
+        "preset": preset if degradation is None else "(config)",
         "seed": seed,
         "degradation": _jsonable(cfg.to_dict()),
         "num_images": len(images),
@@ -120,7 +124,7 @@ def make_testset(
         json.dump(meta, f, indent=1)
     os.replace(tmp, meta_path)
     log(
-        f"wrote {len(images)} GT/LQ pairs ({size} px, preset {preset!r}, seed {seed}) to {out}"
+        f"wrote {len(images)} GT/LQ pairs ({size} px, preset {meta['preset']!r}, seed {seed}) to {out}"
         + (f"; {len(failed)} unreadable GT files left out" if failed else "")
     )
     return meta
