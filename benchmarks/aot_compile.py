@@ -44,7 +44,9 @@ on which each program fits. ``--out=PREFIX`` writes PREFIX.json and PREFIX.md.
 Mesh (``--mesh=data,fsdp``, repeatable; -1 takes the remaining chips): default ``auto``, all
 chips on ``data`` or, where the global batch has fewer examples than chips, as many chips as it
 has (OSDFace's batch 2 uses 2 chips of a 4-chip slice). ``--remat=on|off|both`` sets
-``config.model.remat``. ``--lower_only`` stops after lowering (no memory or cost numbers).
+``config.model.remat``. ``--lower_only`` stops after lowering (no memory or cost numbers). ``--traffic=DEPTH`` prints
+the bytes accessed per model scope (``benchmarks/hlo_traffic.py``; where an HBM-bound step's
+traffic goes), ``--dump_compiled=DIR`` writes the compiled programs' HLO text.
 ``cpu:N`` as a topology lowers for N of this host's CPU devices instead (for comparison).
 """
 
@@ -91,6 +93,7 @@ from artfr_jax.train import (  # noqa: E402
     vqfr_trainer,
     vqgan_trainer,
 )
+from benchmarks import hlo_traffic  # noqa: E402
 from benchmarks import osdface as osdface_bench  # noqa: E402
 from configs import art as art_config  # noqa: E402
 from configs import vqfr as vqfr_config  # noqa: E402
@@ -431,6 +434,7 @@ class Result:
     roofline_s: float | None = None
     bound: str = ""
     error: str = ""
+    traffic: dict | None = None  # --traffic: bytes per model scope
 
 
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
@@ -536,13 +540,26 @@ def run_one(name, topo: Topology, devices, mesh_spec, remat, args) -> Result:
     result.compile_s = time.perf_counter() - t0
     add_memory(result, compiled, topo.chip)
     add_cost(result, compiled, topo.chip)
+    if args.dump_compiled or args.traffic:
+        text = compiled.as_text()
+        if args.dump_compiled:
+            os.makedirs(args.dump_compiled, exist_ok=True)
+            with open(os.path.join(args.dump_compiled, _stem(result) + ".hlo.txt"), "w") as f:
+                f.write(text)
+        if args.traffic:  # bytes per model scope (benchmarks/hlo_traffic.py)
+            by_scope, total = hlo_traffic.traffic_by_scope(text, args.traffic)
+            result.traffic = dict(sorted(by_scope.items(), key=lambda kv: -kv[1])[:40])
+            print(hlo_traffic.table(by_scope, total), flush=True)
     return result
+
+
+def _stem(result: Result) -> str:
+    return f"{result.program}.{result.topology.replace(':', '_')}.{result.mesh}"
 
 
 def dump(directory: str, result: Result, lowered) -> None:
     os.makedirs(directory, exist_ok=True)
-    stem = f"{result.program}.{result.topology.replace(':', '_')}.{result.mesh}"
-    with open(os.path.join(directory, stem + ".mlir"), "w") as f:
+    with open(os.path.join(directory, _stem(result) + ".mlir"), "w") as f:
         f.write(lowered_text(lowered))
 
 
@@ -692,6 +709,10 @@ def parse_args(argv):
     p.add_argument("--restore_batch", type=int, default=8, help="art_restore: faces per call")
     p.add_argument("--image_size", type=int, default=None, help="override config.data.image_size")
     p.add_argument("--dump_lowered", default="", help="write each lowered program here (.mlir)")
+    p.add_argument("--dump_compiled", default="", help="write each compiled program's HLO here")
+    p.add_argument(
+        "--traffic", type=int, default=0, help="print bytes accessed per model scope (depth N)"
+    )
     p.add_argument("--out", default="", help="write PREFIX.json and PREFIX.md")
     args = p.parse_args(argv)
     args.topology = args.topology or ["v5e:2x2"]
