@@ -167,9 +167,13 @@ class TestVQFR(TrainerTests):
 class TestOSDFaceVRE(TrainerTests):
     trainer = TRAINERS["osdface_vre"]
 
-    # Ten minutes of CI on 2 cores for the loop's multi-process code, and three for its 8-device
-    # step, which the other trainers' runs cover (the OSDFace stage-2 trainer's included);
-    # `pytest -m extended` runs them.
+    # Ten minutes of CI on 2 cores for the loop's multi-process code, three for its 8-device step
+    # and three for its bfloat16 step (its XLA:CPU compile), which the other trainers' runs cover
+    # (the OSDFace stage-2 trainer's included); `pytest -m extended` runs them.
+    @pytest.mark.extended
+    def test_bfloat16_training_learns_a_batch(self, stage1_dir):
+        super().test_bfloat16_training_learns_a_batch(stage1_dir)
+
     @pytest.mark.extended
     def test_eight_device_step_matches_one_device(self, stage1_dir):
         super().test_eight_device_step_matches_one_device(stage1_dir)
