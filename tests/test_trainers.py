@@ -163,6 +163,18 @@ class TestART(TrainerTests):
 class TestVQFR(TrainerTests):
     trainer = TRAINERS["vqfr"]
 
+    # Three and a half minutes of CI on 2 cores (XLA:CPU compiles of the VQFR step): its bfloat16
+    # branches are tested in tests/test_precision.py, the fsdp split of a state by the other
+    # trainers' 8-device tests and its data-parallel step by its two-process run below;
+    # `pytest -m extended` runs them.
+    @pytest.mark.extended
+    def test_bfloat16_training_learns_a_batch(self, stage1_dir):
+        super().test_bfloat16_training_learns_a_batch(stage1_dir)
+
+    @pytest.mark.extended
+    def test_eight_device_step_matches_one_device(self, stage1_dir):
+        super().test_eight_device_step_matches_one_device(stage1_dir)
+
 
 class TestOSDFaceVRE(TrainerTests):
     trainer = TRAINERS["osdface_vre"]
