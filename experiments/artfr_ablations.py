@@ -21,7 +21,7 @@ restore command (T = 8, greedy) and scored by the evaluate command (PSNR, SSIM; 
 decoded tokens against the tokenizer's HQ tokens, ``eval/lookup_acc`` for the plain lookup) on
 ``--eval_images`` held-out faces. Writes ``ROOT/ablations.md`` (per trial and per row, mean and
 range over seeds, the paper's numbers beside them) and ``ROOT/ablations.json``. Re-running skips
-finished work.
+finished work; ``--score_only`` scores the trials finished so far without training.
 """
 
 from __future__ import annotations
@@ -190,6 +190,9 @@ def main(argv=None) -> int:
     p.add_argument("--parallel", type=int, default=1, help="trials at a time")
     p.add_argument("--only", default="", help="trial indices (launcher syntax)")
     p.add_argument("--set", action="append", default=[], help="extra config.a.b=v for all trials")
+    p.add_argument(
+        "--score_only", action="store_true", help="score the finished trials, train nothing"
+    )
     args = p.parse_args(argv)
     command = "python -m experiments.artfr_ablations " + " ".join(
         sys.argv[1:] if argv is None else argv
@@ -203,14 +206,15 @@ def main(argv=None) -> int:
         "config.final_restore.num_images=0",
         *args.set,
     ]
-    try:
-        sweep_dir = launch.launch(
-            CONFIG, root, trials=trials, name="artfr_ablations", fixed=fixed,
-            parallel=args.parallel, only=args.only,
-        )  # fmt: skip
-    except RuntimeError as e:  # failed trials: score the rest
-        print(f"artfr_ablations: {e}", file=sys.stderr)
-        sweep_dir = os.path.join(root, "artfr_ablations")
+    sweep_dir = os.path.join(root, "artfr_ablations")
+    if not args.score_only:
+        try:
+            launch.launch(
+                CONFIG, root, trials=trials, name="artfr_ablations", fixed=fixed,
+                parallel=args.parallel, only=args.only,
+            )  # fmt: skip
+        except RuntimeError as e:  # failed trials: score the rest
+            print(f"artfr_ablations: {e}", file=sys.stderr)
     test_dir = make_testset(root, args.test_images)
     record = json.load(open(os.path.join(sweep_dir, "sweep.json"), encoding="utf-8"))
     done = [

@@ -206,3 +206,19 @@ def test_half_finished_sweep_resumes_and_collect_tables_it(tmp_path):
     assert [t["config.seed"] for t in table] == ["0", "1"]
     md = open(os.path.join(sweep_dir, "results.md")).read()
     assert "| trial | seed | status | last_step |" in md and md.count("| finished |") == 2
+
+
+def test_the_ablation_sweep_names_real_fields():
+    """experiments/artfr_ablations.py: every row once per seed, each override a field of the
+    demo config with the right type, and each trial maps back to its table row."""
+    from experiments import artfr_ablations as abl
+
+    trials = abl.get_hyper(hyper, seeds=(0, 1))
+    assert len(trials) == 2 * len(abl.ROWS)
+    launch.check_trials(launch.load_config(abl.CONFIG), trials)
+    rows = [abl.row_of(t) for t in trials[: len(abl.ROWS)]]
+    assert rows == [label for label, _, _ in abl.ROWS]
+    assert trials[len(abl.ROWS)]["config.seed"] == 1
+    assert {"config.model.use_transformer", "config.model.condition_mode"} <= {
+        k for t in trials for k in t
+    }

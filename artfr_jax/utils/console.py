@@ -5,7 +5,8 @@ Code that talks to the user calls :func:`say` (process 0 only; a plain line, no 
 main command calls :func:`route_logs` at start-up and :func:`log_to_file` once it knows its process:
 every log record then goes to ``WORKDIR/train.log`` (``train.<process>.log`` on other processes),
 and the console keeps only :func:`say` lines and warnings unless ``--verbosity=1`` (or higher) asks
-for everything. Without :func:`route_logs` (tests, notebooks) nothing is filtered.
+for everything; :func:`for_notebook` does both for ``main.run`` called from a notebook. Without
+:func:`route_logs` (tests) nothing is filtered.
 """
 
 from __future__ import annotations
@@ -92,6 +93,21 @@ def log_to_file(workdir: str, process_index: int = 0) -> str:
             h.close()
     root.addHandler(file_handler)
     return path
+
+
+def for_notebook(workdir: str | None = None) -> str | None:
+    """The commands' console in a notebook (or any script calling ``main.run``): progress lines,
+    results and warnings in the cell's output, every log record kept for ``WORKDIR/train.log``
+    (written once :func:`log_to_file` names the workdir; returns its path when ``workdir`` is
+    given). Call it before anything logs, so that absl's handler is the one installed."""
+    from absl import flags  # noqa: PLC0415
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()  # no command line: absl's defaults
+    absl_logging.use_absl_handler()
+    logging.getLogger().setLevel(logging.INFO)
+    route_logs(0)
+    return log_to_file(workdir) if workdir else None
 
 
 class _QuietFilter(logging.Filter):
