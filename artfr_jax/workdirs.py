@@ -6,6 +6,7 @@ Layout (written by ``train/checkpoint.py``): ``WORKDIR/checkpoints/<step>/{state
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -35,14 +36,29 @@ def _manager(directory: str) -> ocp.CheckpointManager:
     """A reader of ``directory`` for this process alone: reading a workdir never waits for the
     other processes of a multi-process job (only training saves are collective)."""
     me = jax.process_index()
-    options = ocp.CheckpointManagerOptions(
-        create=False,
-        read_only=True,
-        multiprocessing_options=ocp.options.MultiprocessingOptions(
-            primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"read{me}"
-        ),
+    absl_logger = logging.getLogger("absl")
+    absl_logger.addFilter(_read_only_notes)
+    try:
+        options = ocp.CheckpointManagerOptions(
+            create=False,
+            read_only=True,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"read{me}"
+            ),
+        )
+        return ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
+    finally:
+        absl_logger.removeFilter(_read_only_notes)
+
+
+def _read_only_notes(record: logging.LogRecord) -> bool:
+    """Drops orbax's warnings that a reader's manager is read-only (what it is asked to be),
+    printed on every read of a workdir."""
+    message = record.getMessage()
+    return not (
+        message.startswith("Given directory is read only")
+        or "read_only=True, setting save_interval_steps=0" in message
     )
-    return ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
 
 
 def latest_step(directory: str) -> int | None:
