@@ -1,5 +1,5 @@
-"""The main command as a user runs it: a misspelt field (what the console shows, what the log file
-keeps, SIGTERM and SIGKILL + resume, for every trainer: tests/test_trainers.py)."""
+"""The main command as a user runs it: a misspelt field, runs sharing a tokenizer (what the
+console shows, what the log file keeps, SIGTERM and SIGKILL + resume, for every trainer: tests/test_trainers.py)."""
 
 import os
 
@@ -18,3 +18,29 @@ def test_misspelt_config_field_is_an_error(tmp_path):
     assert res.returncode != 0
     assert "learnig_rate" in res.stderr
     assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+def test_a_shared_tokenizer_is_trained_by_one_run_at_a_time(tmp_path):
+    """Sweep trials that share ``config.stage1.workdir``: while one run holds the stage-I lock,
+    another waits for it (and then re-checks whether stage I still needs training)."""
+    import threading
+    import time
+
+    import filelock
+
+    from artfr_jax import main
+
+    stage1 = str(tmp_path / "stage1")
+    entered = threading.Event()
+
+    def second_run():
+        with main._stage1_lock(stage1):
+            entered.set()
+
+    with filelock.FileLock(stage1 + ".lock"):  # the first run trains the tokenizer
+        waiter = threading.Thread(target=second_run)
+        waiter.start()
+        time.sleep(2.0)
+        assert not entered.is_set()
+    waiter.join(timeout=30)
+    assert entered.is_set()
