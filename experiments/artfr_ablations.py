@@ -138,7 +138,9 @@ def _mean_range(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ({min(values):.4f}-{max(values):.4f})"
 
 
-def write_tables(root: str, results: list[dict], metrics: list[str], command: str) -> str:
+def write_tables(
+    root: str, results: list[dict], metrics: list[str], command: str, degraded: dict
+) -> str:
     per_trial = ["| trial | row | seed | " + " | ".join(metrics) + " | token acc | lookup acc |",
                  "|---|---|---|" + "---|" * (len(metrics) + 2)]  # fmt: skip
     for r in results:
@@ -149,6 +151,11 @@ def write_tables(root: str, results: list[dict], metrics: list[str], command: st
         per_trial.append(f"| {r['trial']} | {r['row']} | {r['seed']} | " + " | ".join(cells) + " |")
     per_row = ["| row | seeds | " + " | ".join(metrics) + " | token acc | paper |",
                "|---|---|" + "---|" * (len(metrics) + 2)]  # fmt: skip
+    per_row.append(
+        "| degraded input | - | "
+        + " | ".join(f"{degraded.get(m, float('nan')):.4f}" for m in metrics)
+        + " | - | - |"
+    )
     for label, _, paper in ROWS:
         mine = [r for r in results if r["row"] == label]
         if not mine:
@@ -223,7 +230,7 @@ def main(argv=None) -> int:
     if not done:
         print("artfr_ablations: no finished trial to score", file=sys.stderr)
         return 1
-    names, folders = [], []
+    names, folders = ["input"], [os.path.join(test_dir, "lq")]  # the degraded faces themselves
     for t in done:
         names.append(f"trial{t['index']}")
         folders.append(restore_trial(t["workdir"], test_dir))
@@ -245,9 +252,9 @@ def main(argv=None) -> int:
             "scores": {m: scored[n].get(m) for m in metrics},
             "eval": final_eval(t["workdir"]),
         }
-        for t, n in zip(done, names, strict=True)
+        for t, n in zip(done, names[1:], strict=True)
     ]
-    path = write_tables(root, results, metrics, command)
+    path = write_tables(root, results, metrics, command, scored["input"])
     print(open(path, encoding="utf-8").read())
     print(f"wrote {path}")
     return 0
