@@ -61,7 +61,15 @@ def pytest_make_collect_report(collector):
     _fail_skips(outcome.get_result())
 
 
+# The longest units pytest-xdist's ``loadscope`` hands out (minutes each), in this order.
+FIRST = ("tests/test_trainers.py", "tests/test_notebooks.py", "tests/test_aot_compile.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    """The trainer classes first: they are the longest units pytest-xdist's ``loadscope`` hands
-    out, and started last they would make the run's tail (one worker busy, one idle)."""
-    items.sort(key=lambda item: 0 if item.nodeid.startswith("tests/test_trainers.py") else 1)
+    """The longest units first (trainer classes, the notebooks, the TPU lowering): started last
+    they would make the run's tail (one worker busy, one idle)."""
+
+    def rank(item) -> int:
+        return next((i for i, f in enumerate(FIRST) if item.nodeid.startswith(f)), len(FIRST))
+
+    items.sort(key=rank)
