@@ -67,7 +67,9 @@ FIRST = ("tests/test_trainers.py", "tests/test_notebooks.py", "tests/test_aot_co
 
 def pytest_collection_modifyitems(config, items):
     """The longest units first (trainer classes, the notebooks, the TPU lowering): started last
-    they would make the run's tail (one worker busy, one idle)."""
+    they would make the run's tail (one worker busy, one idle). ``--no-loadscope-reorder`` (in
+    pyproject's addopts) keeps this order: by default xdist runs the scopes with most tests first,
+    which put the trainer classes (1-3 tests each) at the end."""
 
     def rank(item) -> int:
         return next((i for i, f in enumerate(FIRST) if item.nodeid.startswith(f)), len(FIRST))
