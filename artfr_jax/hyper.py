@@ -23,7 +23,8 @@ from typing import Any
 Trial = dict[str, Any]
 
 
-def _key(name: str) -> str:
+def field_key(name: str) -> str:
+    """``"model.width"`` -> ``"config.model.width"``; a one-line ValueError for a non-field."""
     if not isinstance(name, str) or not name.strip(".") or " " in name:
         raise ValueError(
             f"hyper: a sweep key must be a config field like 'config.a.b', not {name!r}"
@@ -33,7 +34,7 @@ def _key(name: str) -> str:
 
 def sweep(name: str, values: Iterable[Any]) -> list[Trial]:
     """One trial per value of ``name``."""
-    key = _key(name)
+    key = field_key(name)
     trials = [{key: v} for v in values]
     if not trials:
         raise ValueError(f"hyper.sweep({name!r}, ...): no values")
@@ -42,7 +43,7 @@ def sweep(name: str, values: Iterable[Any]) -> list[Trial]:
 
 def fixed(name: str, value: Any, length: int = 1) -> list[Trial]:
     """``length`` trials that all set ``name`` to ``value`` (a constant to zip or multiply)."""
-    return [{_key(name): value} for _ in range(length)]
+    return [{field_key(name): value} for _ in range(length)]
 
 
 def _merge(parts: Sequence[Trial]) -> Trial:

@@ -460,7 +460,7 @@ def launch(
         raise ValueError(f"--root={root}: local trials need a local folder")
     if trials is None:
         trials = load_trials(config, sweep)
-    trials = [{hyper._key(k): v for k, v in t.items()} for t in trials]
+    trials = [{hyper.field_key(k): v for k, v in t.items()} for t in trials]
     loaded = load_config(config)
     check_trials(loaded, trials)
     check_fixed(loaded, fixed)
