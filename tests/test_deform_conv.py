@@ -256,6 +256,42 @@ def test_gradients_match_finite_differences():
             assert np.abs(np.asarray(grad)).max() > 1e-3  # non-trivial gradients
 
 
+@pytest.mark.parametrize("with_mask", [True, False])
+def test_chunks_of_rows_change_nothing(with_mask):
+    """The layer runs in chunks of output rows (``max_points``): one row per chunk, two rows with
+    the last chunk padded (Ho = 5 is odd), and one piece give the same output and the same
+    gradients for every input, the chunk seams and padded rows included (strided, dilated)."""
+    rng = np.random.default_rng(9)
+    ksize, stride, padding, dilation, groups = (3, 3), (2, 1), (2, 1), (2, 1), 2
+    b, h, w = 2, 9, 6
+    x, kernel, bias, ho, wo = _inputs(rng, b, h, w, 4, 3, ksize, stride, padding, dilation, groups)
+    assert ho == 5
+    offset = _random_offsets(rng, b, ho, wo, groups, ksize, stride, padding, dilation, h, w)
+    mask = rng.uniform(size=(b, ho, wo, groups * 9)).astype(np.float32) if with_mask else None
+    ct = rng.normal(size=(b, ho, wo, 3)).astype(np.float32)
+    per_row = b * wo * 9 * groups
+
+    def run(max_points):
+        def loss(x, offset, mask, kernel, bias):
+            y = deform_conv2d(
+                x, offset, mask, kernel, bias, stride=stride, padding=padding, dilation=dilation,
+                offset_groups=groups, precision=HIGHEST, max_points=max_points,
+            )  # fmt: skip
+            return jnp.sum(y * ct), y
+
+        argnums = (0, 1, 2, 3, 4) if with_mask else (0, 1, 3, 4)
+        return jax.jit(jax.grad(loss, argnums=argnums, has_aux=True))(x, offset, mask, kernel, bias)
+
+    whole_grads, whole = run(10**9)
+    assert np.abs(np.asarray(whole)).max() > 1.0
+    for max_points in (1, per_row, 2 * per_row + 1):
+        grads, y = run(max_points)
+        np.testing.assert_allclose(y, whole, rtol=1e-5, atol=1e-5, err_msg=str(max_points))
+        for i, (g, want) in enumerate(zip(grads, whole_grads, strict=True)):
+            assert np.abs(np.asarray(want)).max() > 1e-3
+            np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-4, err_msg=f"{max_points} {i}")
+
+
 def test_bfloat16_close_to_float32():
     rng = np.random.default_rng(5)
     x, kernel, bias, ho, wo = _inputs(rng, 2, 6, 6, 8, 4, (3, 3), (1, 1), (1, 1), (1, 1), 4)
@@ -363,6 +399,7 @@ def test_module_gradients_reach_all_inputs():
         (dict(stride=(0, 1)), "stride"),
         (dict(padding=(1, 1, 1)), "padding must be"),
         (dict(x=np.zeros((5, 5, 4))), "x must be"),
+        (dict(max_points=0), "max_points must be >= 1"),
     ],
 )
 def test_bad_inputs_raise(change, match):

@@ -9,12 +9,15 @@ For output pixel ``p`` and tap ``k``
 with ``x(.)`` read by bilinear interpolation. The sampling runs as four row gathers (one per
 bilinear corner) from the image flattened to ``[B * H * W * G, Cin / G]``, so every gathered row is
 a contiguous run of a group's channels, and the kernel contraction is one matmul over ``K * Cin``.
-The backward pass (a custom VJP) regathers the corners rather than keeping four column-sized tensors
-alive and scatter-adds the input gradient in at least float32.
+The layer runs over chunks of output rows (one ``lax.scan``, :data:`MAX_POINTS` sample points a
+chunk), so its temporaries do not grow with the image. Its custom VJP keeps only the inputs: the
+backward pass regathers each chunk's corners, scatter-adds the input gradient into one accumulator
+of at least float32 and adds up the kernel gradient chunk by chunk.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
@@ -89,30 +92,70 @@ def _take(flat: jax.Array, rows: jax.Array) -> jax.Array:
     return flat.at[rows].get(mode="promise_in_bounds", wrap_negative_indices=False)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _sample_columns(
-    x: jax.Array, py: jax.Array, px: jax.Array, mask: jax.Array, out_dtype: Dtype
-) -> jax.Array:
-    """Bilinear, mask-weighted samples ``[B, Ho, Wo, K, G, Cin / G]`` of ``x [B, H, W, Cin]``.
-
-    ``py, px, mask``: ``[B, Ho, Wo, K, G]``, float32 or wider; sums run in
-    ``promote_types(x.dtype, py.dtype)``. The custom VJP keeps only the inputs as
-    residuals (the backward pass regathers the corners instead of storing four column-sized
-    tensors) and accumulates the input gradient in that wide dtype whatever the dtype of ``x``.
-    """
-    return _sample_fwd(x, py, px, mask, out_dtype)[0]
+# Sample points (batch x output rows x output columns x taps x offset groups) per chunk. The
+# sampling's per-point temporaries (corner indices and weights, gathered channel runs) exist for
+# one chunk of output rows at a time; on TPU each point costs ~3.4 KB of them (small minor
+# dimensions are tiled to 128 lanes), so a 512-px layer at batch 2 in one piece needed ~60 GiB.
+MAX_POINTS = 2**17
 
 
-def _sample_fwd(x, py, px, mask, out_dtype):
+@dataclasses.dataclass(frozen=True)
+class _Geometry:
+    """Static description of one deformable convolution, split into ``chunks`` of ``rows``
+    output rows (the last chunk padded with zero-mask rows)."""
+
+    shape: tuple[int, int, int, int]  # x: (B, H, W, Cin)
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+    out: tuple[int, int]  # (Ho, Wo)
+    rows: int
+    chunks: int
+    dtype: Any  # of the gathered columns and the matmul operands
+    precision: PrecisionLike
+
+    @property
+    def taps(self) -> int:
+        return self.kernel[0] * self.kernel[1]
+
+
+def _positions(geo: _Geometry, chunk: jax.Array, offset: jax.Array, mask: jax.Array):
+    """Sample rows/columns and masks ``[B, rows, Wo, K, G]`` of one chunk from its offsets
+    ``[B, rows, Wo, G*K*2]`` and masks ``[B, rows, Wo, G*K]`` (channel layouts as
+    :func:`deform_conv2d`'s)."""
+    b, r, wo, _ = offset.shape
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = geo.kernel, geo.stride, geo.padding, geo.dilation
+    k, g = geo.taps, geo.groups
+    off = offset.reshape(b, r, wo, g, k, 2).transpose(0, 1, 2, 4, 3, 5)  # tap-major
+    m = mask.reshape(b, r, wo, g, k).transpose(0, 1, 2, 4, 3)
+    oy = (chunk * r + jnp.arange(r)) * sh - ph
+    base_y = oy[:, None] + (jnp.arange(kh) * dh)[None, :]  # [rows, kh]
+    base_x = (jnp.arange(wo) * sw - pw)[:, None] + (jnp.arange(kw) * dw)[None, :]  # [Wo, kw]
+    base_y = jnp.broadcast_to(base_y[:, None, :, None], (r, wo, kh, kw)).reshape(r, wo, k, 1)
+    base_x = jnp.broadcast_to(base_x[None, :, None, :], (r, wo, kh, kw)).reshape(r, wo, k, 1)
+    return base_y.astype(off.dtype) + off[..., 0], base_x.astype(off.dtype) + off[..., 1], m
+
+
+def _gather(geo: _Geometry, x: jax.Array, corners) -> list[jax.Array]:
+    """The image's channel runs ``[B, rows, Wo, K, G, Cin/G]`` at each corner of ``_corners``."""
     b, h, w, c = x.shape
-    g = py.shape[-1]
-    flat = x.reshape(b * h * w * g, c // g)
-    wide = jnp.promote_types(x.dtype, py.dtype)
+    flat = x.reshape(b * h * w * geo.groups, c // geo.groups)
+    return [_take(flat, rows) for rows, _, _, _ in corners]
+
+
+def _columns(values, corners, m: jax.Array, wide: Any) -> jax.Array:
+    """Mask-weighted bilinear sums ``[B, rows, Wo, K, G, Cin/G]`` in ``wide``."""
     acc = None
-    for rows, weight, _, _ in _corners(x.shape, py, px):
-        term = _take(flat, rows).astype(wide) * (weight * mask).astype(wide)[..., None]
+    for v, (_, weight, _, _) in zip(values, corners, strict=True):
+        term = v.astype(wide) * (weight * m).astype(wide)[..., None]
         acc = term if acc is None else acc + term
-    return acc.astype(out_dtype), (x, py, px, mask)
+    return acc
+
+
+def _wide(geo: _Geometry, offset: jax.Array) -> Any:
+    return jnp.promote_types(jnp.promote_types(geo.dtype, jnp.float32), offset.dtype)
 
 
 def _sum_minor(*terms: jax.Array) -> tuple[jax.Array, ...]:
@@ -127,33 +170,110 @@ def _sum_minor(*terms: jax.Array) -> tuple[jax.Array, ...]:
     return tuple(jax.lax.reduce(terms, zeros, add, (terms[0].ndim - 1,)))
 
 
-def _sample_bwd(out_dtype, res, ct):
-    del out_dtype
-    # The barrier keeps XLA from sharing the forward pass's corner gathers with the ones below (CSE
-    # would materialise four column-sized tensors to feed both); regathering fuses into the reduce.
-    x, py, px, mask = jax.lax.optimization_barrier(res)
-    b, h, w, c = x.shape
-    g = py.shape[-1]
-    flat = x.reshape(b * h * w * g, c // g)
-    wide = jnp.promote_types(x.dtype, py.dtype)
-    ct = ct.astype(wide)
-    corners = _corners(x.shape, py, px)
-    # <ct, corner value>: how the output moves with each corner's bilinear weight.
-    sums = _sum_minor(*(ct * _take(flat, rows).astype(wide) for rows, _, _, _ in corners))
-    dflat = jnp.zeros(flat.shape, wide)
-    dmask = dpy = dpx = jnp.zeros(py.shape, py.dtype)
-    for (rows, weight, dwy, dwx), s in zip(corners, sums, strict=True):
-        dflat = dflat.at[rows].add(
-            ct * (weight * mask).astype(wide)[..., None],
-            mode="promise_in_bounds",
-            wrap_negative_indices=False,
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _deform(geo: _Geometry, x, offset, mask, kernel):
+    """DCNv2 without bias over chunks of output rows: ``offset [chunks, B, rows, Wo, G*K*2]``,
+    ``mask [chunks, B, rows, Wo, G*K]``, ``kernel [K * Cin, Cout]`` -> ``[chunks, B, rows, Wo,
+    Cout]`` in ``wide``. The custom VJP keeps only the inputs: the backward pass regathers each
+    chunk's corners and scatter-adds the input gradient into one accumulator (in ``wide``)."""
+    return _deform_fwd(geo, x, offset, mask, kernel)[0]
+
+
+def _deform_fwd(geo: _Geometry, x, offset, mask, kernel):
+    wide = _wide(geo, offset)
+    b, _, _, cin = x.shape
+
+    def chunk(_, inputs):
+        i, off, m = inputs
+        py, px, m = _positions(geo, i, off, m)
+        corners = _corners(x.shape, py, px)
+        cols = _columns(_gather(geo, x, corners), corners, m, wide)
+        cols = cols.astype(geo.dtype).reshape(b, geo.rows, geo.out[1], geo.taps * cin)
+        y = jax.lax.dot_general(
+            cols,
+            kernel,
+            (((3,), (0,)), ((), ())),
+            precision=geo.precision,
+            preferred_element_type=wide,
         )
-        s = s.astype(py.dtype)
-        dmask, dpy, dpx = dmask + weight * s, dpy + dwy * s, dpx + dwx * s
-    return dflat.reshape(x.shape).astype(x.dtype), dpy * mask, dpx * mask, dmask
+        return None, y
+
+    _, y = jax.lax.scan(chunk, None, (jnp.arange(geo.chunks), offset, mask))
+    return y, (x, offset, mask, kernel)
 
 
-_sample_columns.defvjp(_sample_fwd, _sample_bwd)
+def _deform_bwd(geo: _Geometry, res, ct):
+    x, offset, mask, kernel = res
+    wide = _wide(geo, offset)
+    b, h, w, cin = x.shape
+    g, k = geo.groups, geo.taps
+    r, wo = geo.rows, geo.out[1]
+    pdtype = offset.dtype
+
+    def chunk(carry, inputs):
+        dflat, dkernel = carry
+        i, off, m, cy = inputs
+        py, px, m = _positions(geo, i, off, m)
+        cy = cy.astype(geo.dtype)
+        dcols = jax.lax.dot_general(
+            cy,
+            kernel,
+            (((3,), (1,)), ((), ())),
+            precision=geo.precision,
+            preferred_element_type=wide,
+        ).reshape(b, r, wo, k, g, cin // g)
+        corners = _corners(x.shape, py, px)
+        values = _gather(geo, x, corners)
+        cols = _columns(values, corners, m, wide).astype(geo.dtype).reshape(b, r, wo, k * cin)
+        dkernel = dkernel + jax.lax.dot_general(
+            cols,
+            cy,
+            (((0, 1, 2), (0, 1, 2)), ((), ())),
+            precision=geo.precision,
+            preferred_element_type=wide,
+        )
+        # <dcols, corner value>: how the output moves with each corner's bilinear weight. The
+        # barrier keeps XLA from sharing these gathers with the ones above (one materialised
+        # copy of all four corners); gathered again, they fuse into the reduce.
+        values = _gather(geo, jax.lax.optimization_barrier(x), corners)
+        sums = _sum_minor(*(dcols * v.astype(wide) for v in values))
+        dmask = dpy = dpx = jnp.zeros(py.shape, pdtype)
+        for (rows, weight, dwy, dwx), s in zip(corners, sums, strict=True):
+            dflat = dflat.at[rows].add(
+                dcols * (weight * m).astype(wide)[..., None],
+                mode="promise_in_bounds",
+                wrap_negative_indices=False,
+            )
+            s = s.astype(pdtype)
+            dmask, dpy, dpx = dmask + weight * s, dpy + dwy * s, dpx + dwx * s
+        doff = jnp.stack([dpy * m, dpx * m], axis=-1).transpose(0, 1, 2, 4, 3, 5)
+        dmask = dmask.transpose(0, 1, 2, 4, 3)
+        return (dflat, dkernel), (doff.reshape(off.shape), dmask.reshape(m.shape[:3] + (-1,)))
+
+    init = (
+        jnp.zeros((b * h * w * g, cin // g), wide),
+        jnp.zeros(kernel.shape, wide),
+    )
+    (dflat, dkernel), (doff, dmask) = jax.lax.scan(
+        chunk, init, (jnp.arange(geo.chunks), offset, mask, ct)
+    )
+    return (
+        dflat.reshape(x.shape).astype(x.dtype),
+        doff.astype(offset.dtype),
+        dmask.astype(mask.dtype),
+        dkernel.astype(kernel.dtype),
+    )
+
+
+_deform.defvjp(_deform_fwd, _deform_bwd)
+
+
+def _chunk_rows(b: int, ho: int, wo: int, points_per_pixel: int, max_points: int):
+    """``(rows, chunks)``: the fewest chunks of at most ``max_points`` points (at least one
+    row each), rows balanced between them."""
+    per_row = b * wo * points_per_pixel
+    chunks = -(-ho // max(1, min(ho, max_points // per_row)))
+    return -(-ho // chunks), chunks
 
 
 def deform_conv2d(
@@ -168,6 +288,7 @@ def deform_conv2d(
     dilation: int | Sequence[int] = (1, 1),
     offset_groups: int = 1,
     precision: PrecisionLike = None,
+    max_points: int | None = None,
 ) -> jax.Array:
     """Modulated deformable convolution (DCNv2), NHWC / HWIO.
 
@@ -182,6 +303,9 @@ def deform_conv2d(
       stride, padding, dilation: ints or (row, column) pairs; padding is symmetric.
       offset_groups: G; input channels split into G contiguous groups sharing offsets and masks.
       precision: for the kernel contraction.
+      max_points: sample points (B * rows * Wo * kh * kw * G) per chunk of output rows; the layer
+        runs chunk by chunk (a scan), so its temporaries are bounded by one chunk's whatever the
+        image size. None: :data:`MAX_POINTS`. Results do not depend on it.
 
     Returns:
       ``[B, Ho, Wo, Cout]`` in ``result_type(x, kernel)``. Sample positions and bilinear weights are
@@ -231,32 +355,35 @@ def deform_conv2d(
         raise ValueError(f"deform_conv2d: bias must be [{cout}], got {bias.shape}")
 
     dtype = jnp.result_type(x.dtype, kernel.dtype)
-    wide = jnp.promote_types(dtype, jnp.float32)
     pdtype = jnp.promote_types(offset.dtype, jnp.float32)
-    # [B, Ho, Wo, G, K, 2] -> [B, Ho, Wo, K, G]: tap-major so the columns flatten to kernel order.
-    off = offset.astype(pdtype).reshape(b, ho, wo, g, k, 2).transpose(0, 1, 2, 4, 3, 5)
-    if mask is None:
-        m = jnp.ones((b, ho, wo, k, g), pdtype)
-    else:
-        m = mask.astype(pdtype).reshape(b, ho, wo, g, k).transpose(0, 1, 2, 4, 3)
-    base_y = (jnp.arange(ho) * sh - ph)[:, None] + (jnp.arange(kh) * dh)[None, :]  # [Ho, kh]
-    base_x = (jnp.arange(wo) * sw - pw)[:, None] + (jnp.arange(kw) * dw)[None, :]  # [Wo, kw]
-    base_y = jnp.broadcast_to(base_y[:, None, :, None], (ho, wo, kh, kw)).reshape(ho, wo, k, 1)
-    base_x = jnp.broadcast_to(base_x[None, :, None, :], (ho, wo, kh, kw)).reshape(ho, wo, k, 1)
-    py = base_y.astype(pdtype) + off[..., 0]
-    px = base_x.astype(pdtype) + off[..., 1]
-
-    cols = _sample_columns(x, py, px, m, dtype)  # [B, Ho, Wo, K, G, Cin/G]
-    cols = cols.reshape(b, ho, wo, k * cin)
-    y = jax.lax.dot_general(
-        cols,
-        kernel.astype(dtype).reshape(k * cin, cout),
-        (((3,), (0,)), ((), ())),
+    offset = offset.astype(pdtype)
+    mask = jnp.ones((b, ho, wo, g * k), pdtype) if mask is None else mask.astype(pdtype)
+    max_points = MAX_POINTS if max_points is None else max_points
+    if max_points < 1:
+        raise ValueError(f"deform_conv2d: max_points must be >= 1, got {max_points}")
+    rows, chunks = _chunk_rows(b, ho, wo, k * g, max_points)
+    geo = _Geometry(
+        shape=(b, h, w, cin),
+        kernel=(kh, kw),
+        stride=(sh, sw),
+        padding=(ph, pw),
+        dilation=(dh, dw),
+        groups=g,
+        out=(ho, wo),
+        rows=rows,
+        chunks=chunks,
+        dtype=jnp.dtype(dtype),
         precision=precision,
-        preferred_element_type=wide,
     )
+
+    def split(a):  # [B, Ho, Wo, C] -> [chunks, B, rows, Wo, C]; padded rows have zero masks
+        a = jnp.pad(a, ((0, 0), (0, rows * chunks - ho), (0, 0), (0, 0)))
+        return a.reshape(b, chunks, rows, wo, a.shape[-1]).transpose(1, 0, 2, 3, 4)
+
+    y = _deform(geo, x, split(offset), split(mask), kernel.astype(dtype).reshape(k * cin, cout))
+    y = y.transpose(1, 0, 2, 3, 4).reshape(b, rows * chunks, wo, cout)[:, :ho]
     if bias is not None:
-        y = y + bias.astype(wide)
+        y = y + bias.astype(y.dtype)
     return y.astype(dtype)
 
 
