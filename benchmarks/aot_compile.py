@@ -35,7 +35,8 @@ models' kernel switch (``models/kernels.py``) takes the XLA ops, never the CPU k
 For each (program, topology, mesh, remat) the table gives per device: argument, output, temporary
 bytes and peak ~= arguments + outputs + temporaries - aliased (the donated state) against the
 chip's HBM; FLOPs and bytes accessed from ``compiled.cost_analysis()`` (XLA's count for the
-partitioned program of one device, i.e. per device); the roofline step time
+partitioned program of one device, i.e. per device; it counts a loop body once, so the loops'
+further iterations are added, see ``loop_cost``); the roofline step time
 ``max(FLOPs / peak FLOP/s, bytes / HBM bandwidth)`` and which term bounds it. A program that XLA
 refuses for lack of HBM is reported as not fitting, with XLA's own figure. ``--fit`` searches the
 smallest topology of the first ``--topology``'s chip (<= 8 chips) and mesh (data x fsdp, remat)
@@ -435,6 +436,8 @@ class Result:
     bound: str = ""
     error: str = ""
     traffic: dict | None = None  # --traffic: bytes per model scope
+    loop_flops: float = 0.0  # of loop iterations cost_analysis leaves out (in flops above)
+    loop_bytes: float = 0.0
 
 
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
@@ -489,20 +492,33 @@ def add_memory(result: Result, compiled, chip: Chip | None) -> None:
         result.fits = result.peak_bytes <= chip.hbm_bytes
 
 
-def add_cost(result: Result, compiled, chip: Chip | None) -> None:
-    """FLOPs and bytes accessed per device (``cost_analysis()``) and the roofline step time."""
+def add_cost(result: Result, compiled, chip: Chip | None, loops=(0.0, 0.0)) -> None:
+    """FLOPs and bytes accessed per device (``cost_analysis()``, plus ``loops``: the FLOPs and
+    bytes of loop iterations it leaves out, see :func:`loop_cost`) and the roofline step time."""
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
     if not cost:
         return
-    result.flops = float(cost.get("flops", 0.0))
-    result.bytes_accessed = float(cost.get("bytes accessed", 0.0))
+    result.loop_flops, result.loop_bytes = (float(v) for v in loops)
+    result.flops = float(cost.get("flops", 0.0)) + result.loop_flops
+    result.bytes_accessed = float(cost.get("bytes accessed", 0.0)) + result.loop_bytes
     if chip is None:
         return
     result.flops_s = result.flops / chip.peak_flops
     result.memory_s = result.bytes_accessed / chip.hbm_bandwidth
     result.roofline_s = max(result.flops_s, result.memory_s)
     result.bound = "FLOPs" if result.flops_s >= result.memory_s else "HBM"
+
+
+def loop_cost(lowered, compiled_text: str, devices: int) -> tuple[float, float]:
+    """FLOPs and bytes per device of the loop iterations XLA's ``cost_analysis()`` leaves out (it
+    counts a ``while`` body once: MaskGIT's T decoding steps, the chunks of a deformable
+    convolution). FLOPs: the dots and convolutions of the loop bodies in the program before
+    optimisation (after it, TPU dots are rewritten as windowed convolutions), global, divided by
+    ``devices`` (the loops here run data-parallel); bytes: the optimised per-device program's
+    loop-body instructions (``benchmarks/hlo_traffic.py``)."""
+    flops = hlo_traffic.loop_extra(lowered.compiler_ir("hlo").as_hlo_text())["flops"] / devices
+    return flops, hlo_traffic.loop_extra(compiled_text)["bytes"]
 
 
 def lowered_text(lowered) -> str:
@@ -539,9 +555,9 @@ def run_one(name, topo: Topology, devices, mesh_spec, remat, args) -> Result:
         return result
     result.compile_s = time.perf_counter() - t0
     add_memory(result, compiled, topo.chip)
-    add_cost(result, compiled, topo.chip)
+    text = compiled.as_text()
+    add_cost(result, compiled, topo.chip, loop_cost(lowered, text, data * fsdp))
     if args.dump_compiled or args.traffic:
-        text = compiled.as_text()
         if args.dump_compiled:
             os.makedirs(args.dump_compiled, exist_ok=True)
             with open(os.path.join(args.dump_compiled, _stem(result) + ".hlo.txt"), "w") as f:
@@ -634,7 +650,8 @@ def markdown(results: list[Result], command: str) -> str:
     notes = [
         "",
         "Bytes per device (memory_analysis; peak = args + out + temp - alias); FLOPs and bytes "
-        "accessed per device (cost_analysis of the partitioned program); roofline = max(FLOPs / "
+        "accessed per device (cost_analysis of the partitioned program, which counts a loop body "
+        "once, plus the loops' further iterations: loop_cost); roofline = max(FLOPs / "
         "peak bf16 FLOP/s, bytes / HBM bandwidth) of one chip.",
         *errors,
         "",

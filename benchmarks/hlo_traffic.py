@@ -29,7 +29,7 @@ _ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([0-9,]*)\]")
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([\w\-]+)\((.*)$")
 _COMP = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")  # unindented, ends with '{'
 _CALLS = re.compile(r"\b(?:body|condition|to_apply|true_computation|false_computation|"
-                    r"branch_computations|calls)=\{?%?([\w.\-]+(?:,\s*%?[\w.\-]+)*)\}?")  # fmt: skip
+                    r"branch_computations|calls)=(\{[^}]*\}|%?[\w.\-]+)")  # fmt: skip
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 # No traffic of their own (aliases, metadata, tuples) or counted where their operands are read.
 _FREE = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "after-all",
@@ -93,37 +93,206 @@ def _op_name(rest: str, comps: dict[str, list[tuple]]) -> str | None:
     return None
 
 
-def traffic_by_scope(hlo: str, depth: int = 2) -> tuple[dict[str, int], int]:
-    """Bytes read and written per scope, and the total, of the program's top-level instructions."""
+def _operands(rest: str) -> list[str]:
+    """Operand names of an instruction (``%a, %b`` in optimised HLO, ``a, b`` before)."""
+    args = rest.split(")", 1)[0]
+    if "%" in args:
+        return re.findall(r"%([\w.\-]+)", args)
+    return [a.split()[-1] for a in args.split(",") if a.strip() and not a.strip()[0].isdigit()]
+
+
+def _dims(shape: str) -> list[int]:
+    m = _ARRAY.search(shape)
+    return [int(d) for d in m.group(2).split(",") if d] if m else []
+
+
+def _constant(instrs: list[tuple], name: str) -> int | None:
+    for n, _shape, opcode, rest in instrs:
+        if n == name and opcode == "constant":
+            m = re.match(r"\s*(-?\d+)\)", rest)
+            return int(m.group(1)) if m else None
+    return None
+
+
+def _tuple_index(instrs: list[tuple], name: str) -> int | None:
+    """``index`` of a ``get-tuple-element`` named ``name``, else None."""
+    for n, _, op, rest in instrs:
+        if n == name and op == "get-tuple-element":
+            return int(re.search(r"index=(\d+)", rest).group(1))
+    return None
+
+
+def trip_count(comps: dict[str, list[tuple]], caller: str, rest: str) -> int | None:
+    """Iterations of a ``while``: XLA's ``known_trip_count`` annotation where there is one, else
+    (TPU programs, programs before optimisation) from the form JAX emits for ``scan`` and
+    ``fori_loop``: the condition compares a counter (a tuple element) with a constant (``LT`` or
+    ``LE``), the body adds a constant step to it (1 if not found), its initial value is a constant
+    in the operand tuple (0 if not found). None if not of that form."""
+    known = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)  # XLA:CPU/GPU annotate it
+    if known:
+        return int(known.group(1))
+    cond = re.search(r"condition=%?([\w.\-]+)", rest)
+    body = re.search(r"body=%?([\w.\-]+)", rest)
+    instrs = comps.get(cond.group(1), []) if cond else []
+    for _name, _shape, opcode, crest in instrs:
+        direction = re.search(r"direction=(LT|LE)", crest)
+        if opcode != "compare" or not direction:
+            continue
+        lhs, rhs = (_operands(crest) + [None, None])[:2]
+        limit, index = _constant(instrs, rhs), _tuple_index(instrs, lhs)
+        if limit is None or index is None:
+            continue
+        start, step = 0, 1
+        init = _operands(rest)
+        for n, _, op, trest in comps.get(caller, []):
+            if init and n == init[0] and op == "tuple" and index < len(_operands(trest)):
+                start = _constant(comps[caller], _operands(trest)[index]) or 0
+        binstrs = comps.get(body.group(1), []) if body else []
+        for _n, _, op, brest in binstrs:
+            args = _operands(brest)
+            if op == "add" and len(args) == 2 and _tuple_index(binstrs, args[0]) == index:
+                step = _constant(binstrs, args[1]) or 1
+        span = limit - start + (direction.group(1) == "LE")
+        return max(0, -(-span // max(step, 1)))
+    return None
+
+
+def _flops(comps, shapes, opcode: str, shape: str, rest: str) -> float:
+    """FLOPs of a ``dot`` or ``convolution`` (2 per multiply-add), or of those inside the fusion
+    or call the instruction runs; 0 for anything else (elementwise work is not counted)."""
+    if opcode == "dot":
+        lhs = _dims(shapes.get(_operands(rest)[0], ""))
+        m = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
+        contract = [lhs[int(i)] for i in m.group(1).split(",") if i] if m and lhs else []
+        return 2.0 * math.prod(_dims(shape)) * math.prod(contract)
+    if opcode == "convolution":
+        rhs = _dims(shapes.get(_operands(rest)[1], ""))
+        labels = re.search(r"dim_labels=\w+_(\w+)->", rest)
+        if not rhs or not labels or "o" not in labels.group(1):
+            return 0.0
+        return 2.0 * math.prod(_dims(shape)) * math.prod(rhs) / rhs[labels.group(1).index("o")]
+    called = re.search(r"\bcalls=%?([\w.\-]+)", rest)
+    if called is None or opcode in ("while", "conditional"):
+        return 0.0
+    return sum(_flops(comps, shapes, op, sh, r) for _, sh, op, r in comps.get(called.group(1), []))
+
+
+def _param_index(rest: str) -> int | None:
+    m = re.match(r"\s*(\d+)\)", rest)
+    return int(m.group(1)) if m else None
+
+
+def instruction_bytes(comps, shapes, shape: str, opcode: str, rest: str) -> int:
+    """Bytes an instruction reads and writes: its operands and result, except the parts of an
+    array a slice reads or an in-place update writes (``dynamic-slice``, ``dynamic-update-slice``,
+    ``scatter``, at the top level or inside a fusion: a loop body reading its step's slice of a
+    stacked array reads that slice, not the array)."""
+    operands = _operands(rest)
+    sizes = [shape_bytes(shapes.get(o, "")) for o in operands]
+    if opcode == "dynamic-slice":
+        return 2 * shape_bytes(shape) + sum(sizes[1:])
+    if opcode in ("dynamic-update-slice", "scatter"):  # in place: the update, read and written
+        return 2 * sum(sizes[1:])
+    called = re.search(r"\bcalls=%?([\w.\-]+)", rest) if opcode == "fusion" else None
+    inner = comps.get(called.group(1), []) if called else []
+    if not inner:
+        return shape_bytes(shape) + sum(sizes)
+    params = {n: _param_index(r) for n, _, op, r in inner if op == "parameter"}
+    users: dict[str, list[tuple]] = collections.defaultdict(list)
+    for _n, sh, op, r in inner:
+        for position, o in enumerate(_operands(r)):
+            if o in params:
+                users[o].append((position, sh, op, r))
+    total = 0
+    for pname, index in params.items():
+        if index is None or index >= len(sizes):
+            continue
+        uses = users.get(pname, [])
+        if uses and all(pos == 0 and op == "dynamic-slice" for pos, _, op, _ in uses):
+            total += sum(shape_bytes(sh) for _, sh, _, _ in uses)
+        elif uses and all(
+            pos == 0 and op in ("dynamic-update-slice", "scatter") for pos, *_ in uses
+        ):
+            total += 0  # updated in place: counted with the result below
+        else:
+            total += sizes[index]
+    root = inner[-1]
+    if root[2] in ("dynamic-update-slice", "scatter"):
+        total += sum(shape_bytes(shapes.get(o, "")) for o in _operands(root[3])[1:])
+    else:
+        total += shape_bytes(shape)
+    return total
+
+
+def _walk(hlo: str):
+    """``(comps, shapes, [(computation, times it runs per step)])``, one entry per call site, for
+    the entry computation and every computation it runs (not fusion insides); a loop body runs
+    its trip count times (1 where :func:`trip_count` cannot tell), nested loops multiply."""
     comps, entry = parse(hlo)
     if entry is None:
         raise ValueError("no ENTRY computation in the HLO text")
     shapes = {name: shape for instrs in comps.values() for name, shape, _, _ in instrs}
-    lines = {name: rest for instrs in comps.values() for name, _, _, rest in instrs}
-    seen, todo, out = set(), [entry], collections.Counter()
+    runs, todo = [], [(entry, 1)]
     while todo:
-        comp = todo.pop()
-        if comp in seen or comp not in comps:
+        comp, times = todo.pop()
+        if comp not in comps:
             continue
-        seen.add(comp)
-        for _name, shape, opcode, rest in comps[comp]:
-            if opcode in ("while", "conditional", "call", "async-start", "async-done"):
-                for group in _CALLS.findall(rest):
-                    todo += [c.strip().lstrip("%") for c in group.split(",")]
-                if opcode != "call":
-                    continue
-            if opcode in _FREE:
+        runs.append((comp, times))
+        for _name, _shape, opcode, rest in comps[comp]:
+            if opcode not in ("while", "conditional", "call", "async-start", "async-done"):
                 continue
-            args = rest.split(")", 1)[0]
-            operands = re.findall(r"%([\w.\-]+)", args)
-            nbytes = shape_bytes(shape) + sum(shape_bytes(shapes.get(o, "")) for o in operands)
+            trips = (trip_count(comps, comp, rest) or 1) if opcode == "while" else 1
+            for group in _CALLS.findall(rest):
+                for c in group.strip("{}").split(","):
+                    todo.append((c.strip().lstrip("%"), times * trips))
+    return comps, shapes, runs
+
+
+def traffic_by_scope(hlo: str, depth: int = 2) -> tuple[dict[str, int], int]:
+    """Bytes read and written per scope, and the total, of the program's top-level instructions
+    (loop bodies times their trip counts)."""
+    comps, shapes, runs = _walk(hlo)
+    lines = {name: rest for instrs in comps.values() for name, _, _, rest in instrs}
+    out = collections.Counter()
+    for comp, times in runs:
+        for _name, shape, opcode, rest in comps[comp]:
+            if opcode in ("while", "conditional", "async-start", "async-done") or opcode in _FREE:
+                continue
+            operands = _operands(rest)
+            nbytes = instruction_bytes(comps, shapes, shape, opcode, rest)
             name = _op_name(rest, comps)
             for o in operands if name is None else ():  # a layout copy: its input's scope
                 name = _op_name(lines.get(o, ""), comps)
                 if name:
                     break
-            out[scope(name, depth) if name else f"({opcode})"] += nbytes
+            out[scope(name, depth) if name else f"({opcode})"] += nbytes * times
     return dict(out), sum(out.values())
+
+
+def loop_extra(hlo: str) -> dict[str, float]:
+    """What XLA's ``cost_analysis()`` leaves out of a program with loops: it counts each loop
+    body once, whatever its trip count. Returns the missing ``flops`` (dots and convolutions of
+    the bodies' further iterations) and ``bytes`` (their instructions' operands and results),
+    ``loops`` (loops found) and ``unknown`` (loops whose trip count could not be read, counted
+    once)."""
+    comps, shapes, runs = _walk(hlo)
+    extra_flops = extra_bytes = 0.0
+    loops = unknown = 0
+    for comp, instrs in comps.items():
+        for _name, _shape, opcode, rest in instrs:
+            if opcode == "while":
+                loops += 1
+                unknown += trip_count(comps, comp, rest) is None
+    for comp, times in runs:
+        if times <= 1:
+            continue
+        for _name, shape, opcode, rest in comps[comp]:
+            if opcode in ("while", "conditional", "async-start", "async-done") or opcode in _FREE:
+                continue
+            nbytes = instruction_bytes(comps, shapes, shape, opcode, rest)
+            extra_bytes += (times - 1) * nbytes
+            extra_flops += (times - 1) * _flops(comps, shapes, opcode, shape, rest)
+    return dict(flops=extra_flops, bytes=extra_bytes, loops=loops, unknown=unknown)
 
 
 def table(by_scope: dict[str, int], total: int, top: int = 25) -> str:

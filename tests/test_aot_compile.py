@@ -212,3 +212,75 @@ def test_traffic_by_scope_adds_up_to_xlas_bytes_accessed():
     assert {"wide", "wide (bwd)", "narrow (bwd)"} <= set(by_scope)
     assert sum(by_scope.values()) == total and min(by_scope.values()) > 0
     assert "| total |" in hlo_traffic.table(by_scope, total)
+
+
+def test_loop_iterations_counted():
+    """XLA's cost_analysis counts a loop body once; ``loop_extra`` adds the further iterations. A
+    24-step scan (forward and backward) then costs what the same program unrolled costs: FLOPs
+    from the program before optimisation (within 3%), bytes from the compiled one (its loops add
+    copies of the carry and stacked outputs, so more than the unrolled program's, within 3x)."""
+    import jax.numpy as jnp
+
+    from benchmarks import hlo_traffic
+
+    def program(unroll):
+        def f(w, x):
+            step = lambda c, wi: (jnp.tanh(c @ wi), None)  # noqa: E731
+            return jax.lax.scan(step, x, w, unroll=unroll)[0].sum()
+
+        return jax.jit(jax.grad(f)).lower(jnp.zeros((24, 128, 128)), jnp.zeros((64, 128)))
+
+    rolled, unrolled = program(1), program(True)
+    cost = rolled.compile().cost_analysis()
+    want = unrolled.compile().cost_analysis()
+    assert cost["flops"] < 0.2 * want["flops"]  # the body once
+    extra = hlo_traffic.loop_extra(rolled.compiler_ir("hlo").as_hlo_text())
+    assert extra["loops"] == 2 and extra["unknown"] == 0
+    assert cost["flops"] + extra["flops"] == pytest.approx(want["flops"], rel=0.03)
+    assert hlo_traffic.loop_extra(unrolled.compiler_ir("hlo").as_hlo_text())["flops"] == 0
+    nbytes = cost["bytes accessed"] + hlo_traffic.loop_extra(rolled.compile().as_text())["bytes"]
+    assert want["bytes accessed"] <= nbytes <= 3 * want["bytes accessed"]
+
+
+TPU_STYLE_LOOP = """HloModule m
+
+%cond (p: (s32[], f32[4,4])) -> pred[] {
+  %p = (s32[], f32[4,4]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %limit = s32[] constant(11)
+  ROOT %lt = pred[] compare(%i, %limit), direction=LT
+}
+
+%body (q: (s32[], f32[4,4])) -> (s32[], f32[4,4]) {
+  %q = (s32[], f32[4,4]) parameter(0)
+  %j = s32[] get-tuple-element(%q), index=0
+  %three = s32[] constant(3)
+  %next = s32[] add(%j, %three)
+  %a = f32[4,4] get-tuple-element(%q), index=1
+  %d = f32[4,4] dot(%a, %a), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  ROOT %t = (s32[], f32[4,4]) tuple(%next, %d)
+}
+
+ENTRY %main (x: f32[4,4]) -> (s32[], f32[4,4]) {
+  %x = f32[4,4] parameter(0)
+  %two = s32[] constant(2)
+  %init = (s32[], f32[4,4]) tuple(%two, %x)
+  ROOT %w = (s32[], f32[4,4]) while(%init), condition=%cond, body=%body
+}
+"""
+
+
+def test_trip_count_without_annotation():
+    """A loop as TPU programs print it (no ``known_trip_count``): counter from 2 by 3 below 11
+    runs 3 times, so the dot's 128 FLOPs count twice more than XLA's once; the traffic counts
+    every instruction of the loop three times."""
+    from benchmarks import hlo_traffic
+
+    comps, _ = hlo_traffic.parse(TPU_STYLE_LOOP)
+    while_rest = next(r for _, _, op, r in comps["main"] if op == "while")
+    assert hlo_traffic.trip_count(comps, "main", while_rest) == 3
+    extra = hlo_traffic.loop_extra(TPU_STYLE_LOOP)
+    assert extra["flops"] == 2 * 2 * 4 * 4 * 4 and extra["unknown"] == 0
+    by_scope, total = hlo_traffic.traffic_by_scope(TPU_STYLE_LOOP, depth=1)
+    # the dot (192 bytes), the counter's add (12) and the condition's compare (9), three times
+    assert total == 3 * (192 + 12 + 9)
