@@ -17,7 +17,7 @@ tuple/list of those.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 Trial = dict[str, Any]
@@ -30,6 +30,27 @@ def field_key(name: str) -> str:
             f"hyper: a sweep key must be a config field like 'config.a.b', not {name!r}"
         )
     return name if name.startswith("config.") else "config." + name
+
+
+def apply(config, trial: Mapping[str, Any]):
+    """Sets each ``{'config.a.b': value}`` of ``trial`` on ``config`` (in place; returned): the
+    notebooks' and the launcher's way to set fields by the command line's names. A list value is
+    stored as a tuple. One-line ValueError for a field that does not exist or a value of another
+    type (ml_collections' type check)."""
+    for name, value in trial.items():
+        key = field_key(name)
+        *parents, leaf = key.split(".")[1:]
+        node = config
+        try:
+            for p in parents:
+                node = node[p]
+            if leaf not in node:
+                raise KeyError(leaf)
+            node[leaf] = tuple(value) if isinstance(value, list) else value
+        except (KeyError, AttributeError, TypeError) as e:
+            reason = "no such field" if isinstance(e, KeyError | AttributeError) else str(e)
+            raise ValueError(f"{key}={value!r}: {reason}") from None
+    return config
 
 
 def sweep(name: str, values: Iterable[Any]) -> list[Trial]:

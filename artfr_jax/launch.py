@@ -90,19 +90,10 @@ def load_trials(config: str, sweep_file: str | None = None) -> list[dict[str, An
 def check_trials(config, trials: Sequence[dict[str, Any]]) -> None:
     """Each override names an existing field and has its type (one-line ValueError otherwise)."""
     for i, trial in enumerate(trials):
-        copy = config.copy_and_resolve_references()
-        for key, value in trial.items():
-            *parents, leaf = key.split(".")[1:]
-            node = copy
-            try:
-                for p in parents:
-                    node = node[p]
-                if leaf not in node:
-                    raise KeyError(leaf)
-                node[leaf] = tuple(value) if isinstance(value, list) else value
-            except (KeyError, AttributeError, TypeError) as e:
-                reason = "no such field" if isinstance(e, KeyError | AttributeError) else str(e)
-                raise ValueError(f"trial {i}: {key}={value!r}: {reason}") from None
+        try:
+            hyper.apply(config.copy_and_resolve_references(), trial)
+        except ValueError as e:
+            raise ValueError(f"trial {i}: {e}") from None
 
 
 def check_fixed(config, fixed: Sequence[str]) -> None:

@@ -42,6 +42,21 @@ def test_sweep_product_zip_chain_fixed():
         hyper.sweep("config.seed", [])
 
 
+def test_apply_sets_fields_by_their_command_line_names():
+    config = launch.load_config(VQGAN_TINY)
+    config.lock()
+    seed, codes = config.seed, config.model.num_embeddings
+    got = hyper.apply(config, {"config.seed": seed + 3, "model.num_embeddings": codes * 2})
+    assert got is config and config.seed == seed + 3 and config.model.num_embeddings == codes * 2
+    hyper.apply(config, {"model.block_out_channels": [8, 16]})
+    assert config.model.block_out_channels == (8, 16)  # a list (JSON, flags) stored as a tuple
+    with pytest.raises(ValueError, match=r"^config.model.num_embedings=8: no such field$"):
+        hyper.apply(config, {"config.model.num_embedings": 8})
+    with pytest.raises(ValueError, match=r"^config.seed='a': "):
+        hyper.apply(config, {"config.seed": "a"})
+    assert config.seed == seed + 3  # a refused value leaves the field as it was
+
+
 def test_flags_render_as_xmanager_does_and_the_config_parses_them(tmp_path):
     assert launch.render_flag("config.model.long_skips", True) == "--config.model.long_skips"
     assert launch.render_flag("config.model.long_skips", False) == "--noconfig.model.long_skips"
