@@ -37,7 +37,13 @@ def trained(stage1, tmp_path_factory):
     """(workdir, result) of one tiny stage-II run with the final restoration."""
     workdir = str(tmp_path_factory.mktemp("art"))
     config = tiny_config(stage1, **{"final_restore.num_images": 4})
-    return workdir, art_trainer.train_and_evaluate(config, workdir)
+    result = art_trainer.train_and_evaluate(config, workdir)
+    # The finished run started again: nothing to train, and its restored faces are kept.
+    first = os.path.join(workdir, "samples", "restored", "0000.png")
+    os.utime(first, (1, 1))
+    again = art_trainer.train_and_evaluate(config, workdir)
+    assert again["final"] == result["final"] and os.path.getmtime(first) == 1
+    return workdir, result
 
 
 def test_train_and_evaluate_then_restore(trained, tmp_path):
@@ -54,6 +60,7 @@ def test_train_and_evaluate_then_restore(trained, tmp_path):
     with open(os.path.join(workdir, "samples", "restored_summary.json")) as f:
         summary = json.load(f)
     assert summary["num_images"] == 4 and np.isfinite(summary["psnr_restored"])
+    assert summary["step"] == 4 and summary == result["final"]
 
     restorer = inference.load_restorer(workdir)
     assert restorer.image_size == 32

@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from artfr_jax import inference
+from artfr_jax import inference, workdirs
 from artfr_jax.data import pipeline
 from artfr_jax.evaluation import metrics as metrics_lib
 from artfr_jax.models import factory
@@ -192,10 +192,35 @@ def make_stage(config: ml_collections.ConfigDict, workdir: str) -> loop.Stage:
     )
 
 
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def final_restoration(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Restores ``final_restore.num_images`` held-out degraded faces with the trained model (the
     same path as ``python -m artfr_jax.restore``), writes them to ``samples/restored/`` with a
-    grid LQ | restored | HQ, and reports PSNR of input and output against HQ."""
+    grid LQ | restored | HQ, and reports PSNR of input and output against HQ. A workdir whose
+    summary is already of its last checkpoint (a finished run started again) keeps it."""
+    step = workdirs.latest_step(workdirs.checkpoint_dir(workdir))
+    summary_path = os.path.join(workdir, "samples", "restored_summary.json")
+    previous = _read_json(summary_path)
+    if (
+        previous.get("step") == step
+        and previous.get("num_images") == config.final_restore.num_images
+    ):
+        console.say(
+            "Held-out faces already restored at step %d: PSNR %.2f dB -> %.2f dB (%s)",
+            step,
+            previous["psnr_input"],
+            previous["psnr_restored"],
+            summary_path,
+        )
+        return previous
     restorer = inference.load_restorer(workdir)
     batches = pipeline.make_eval_batches(
         config.data,
@@ -219,12 +244,13 @@ def final_restoration(config: ml_collections.ConfigDict, workdir: str) -> dict:
     grid = image_utils.tile(np.stack(rows), columns=4, gap=max(2, rows[0].shape[0] // 16))
     image_utils.save_grid(grid, os.path.join(workdir, "samples", "restored_grid.png"))
     summary = {
+        "step": step,
         "num_images": len(rows),
         "psnr_input": float(np.mean(psnr_in)),
         "psnr_restored": float(np.mean(psnr_out)),
         "seconds": time.time() - t0,
     }
-    with open(os.path.join(workdir, "samples", "restored_summary.json"), "w") as f:
+    with open(summary_path, "w") as f:
         json.dump(summary, f, indent=1)
     console.say(
         "Restored %d held-out faces into %s: PSNR of the degraded input %.2f dB -> restored "
