@@ -34,6 +34,8 @@ _OP_NAME = re.compile(r'op_name="([^"]*)"')
 # No traffic of their own (aliases, metadata, tuples) or counted where their operands are read.
 _FREE = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "after-all",
          "partition-id", "replica-id", "iota", "opt-barrier"}  # fmt: skip
+# Not counted as instructions: no traffic of their own, or control flow whose bodies are counted.
+_NOT_COUNTED = _FREE | {"while", "conditional", "async-start", "async-done"}
 _WRAPPERS = re.compile(r"^(jit|pjit|jvp|vmap|remat\d*|checkpoint|custom_jvp_call|"
                        r"custom_vjp_call|shard_map|while|cond|body|closed_call)\b")  # fmt: skip
 
@@ -256,7 +258,7 @@ def traffic_by_scope(hlo: str, depth: int = 2) -> tuple[dict[str, int], int]:
     out = collections.Counter()
     for comp, times in runs:
         for _name, shape, opcode, rest in comps[comp]:
-            if opcode in ("while", "conditional", "async-start", "async-done") or opcode in _FREE:
+            if opcode in _NOT_COUNTED:
                 continue
             operands = _operands(rest)
             nbytes = instruction_bytes(comps, shapes, shape, opcode, rest)
@@ -287,7 +289,7 @@ def loop_extra(hlo: str) -> dict[str, float]:
         if times <= 1:
             continue
         for _name, shape, opcode, rest in comps[comp]:
-            if opcode in ("while", "conditional", "async-start", "async-done") or opcode in _FREE:
+            if opcode in _NOT_COUNTED:
                 continue
             nbytes = instruction_bytes(comps, shapes, shape, opcode, rest)
             extra_bytes += (times - 1) * nbytes
