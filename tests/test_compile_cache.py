@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # compilation was a cache hit.
 _PROBE = textwrap.dedent(
     """
-    import json, sys
+    import json, os, sys
     import jax, jax.numpy as jnp
     from jax import monitoring
     from artfr_jax.utils import compile_cache
@@ -26,7 +26,8 @@ _PROBE = textwrap.dedent(
     if len(sys.argv) > 1:  # the user's own setting, made in code
         jax.config.update("jax_compilation_cache_dir", sys.argv[1])
     path = compile_cache.enable_persistent_cache()
-    y = jax.jit(lambda x: jnp.tanh(x @ x.T).sum())(jnp.ones((64, 64)))
+    n = int(os.environ.get("PROBE_N", "64"))  # another size: another program
+    y = jax.jit(lambda x: jnp.tanh(x @ x.T).sum())(jnp.ones((n, n)))
     print(json.dumps({
         "path": path,
         "hit": "/jax/compilation_cache/cache_hits" in events,
@@ -65,6 +66,19 @@ def test_second_process_loads_the_executable_from_the_cache(tmp_path):
     second, _ = _probe(tmp_path, ARTFR_JAX_COMPILATION_CACHE=str(cache))
     assert second["hit"] and not second["miss"]
     assert second["value"] == first["value"]
+
+
+def test_directory_written_without_a_size_limit_still_takes_new_entries(tmp_path):
+    """A process with JAX's own unlimited cache (a notebook, the test session) wrote there first:
+    JAX's size-limited cache cannot write next to such entries, so the command sets no limit."""
+    cache = tmp_path / "cache"
+    _probe(tmp_path, JAX_COMPILATION_CACHE_DIR=str(cache))
+    assert not any(n.endswith("-atime") for n in os.listdir(cache)), os.listdir(cache)
+    before = set(os.listdir(cache))
+    first, _ = _probe(tmp_path, ARTFR_JAX_COMPILATION_CACHE=str(cache), PROBE_N="32")
+    assert first["miss"] and set(os.listdir(cache)) > before
+    second, _ = _probe(tmp_path, ARTFR_JAX_COMPILATION_CACHE=str(cache), PROBE_N="32")
+    assert second["hit"] and not second["miss"]
 
 
 def test_default_directory_is_under_the_user_cache(tmp_path):

@@ -19,7 +19,9 @@ real. Where the cache lives:
 
 ``ARTFR_JAX_COMPILATION_CACHE=off`` switches it off. Programs that compile in under a second are not
 stored (JAX's ``jax_persistent_cache_min_compile_time_secs``), and the least recently used entries
-are evicted beyond :data:`MAX_BYTES` unless ``JAX_COMPILATION_CACHE_MAX_SIZE`` says otherwise.
+are evicted beyond :data:`MAX_BYTES` unless ``JAX_COMPILATION_CACHE_MAX_SIZE`` says otherwise (no
+limit in a directory that a process without one has written to: JAX's size-limited cache cannot
+write there).
 """
 
 from __future__ import annotations
@@ -69,9 +71,30 @@ def enable_persistent_cache() -> str | None:
             )
             return None
     jax.config.update("jax_compilation_cache_dir", path)
-    if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:
+    if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ and not _unsized_entries(path):
         jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
     return path
+
+
+def _unsized_entries(path: str) -> bool:
+    """Whether ``path`` holds entries written without a size limit (no ``-atime`` file beside
+    them: a process with JAX's default unlimited cache wrote them). JAX's size-limited cache reads
+    the access time of every entry before it writes one, so on such a directory every write would
+    fail and each run would compile everything again; the limit is left off there instead."""
+    if "://" in path:
+        return False
+    try:
+        names = set(os.listdir(path))
+    except OSError:
+        return False
+    unsized = [n for n in names if n.endswith("-cache") and f"{n[:-6]}-atime" not in names]
+    if unsized:
+        logging.info(
+            "compilation cache %s: %d entries written without a size limit; no limit set",
+            path,
+            len(unsized),
+        )
+    return bool(unsized)
 
 
 def disable_persistent_cache() -> None:
