@@ -116,6 +116,7 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     config = FLAGS.config
     console.route_logs(FLAGS.verbosity)
+    console.import_quietly("tensorflow")  # the trainers' clu writers import it
     initialize_distributed(config.get("distributed", False))
     log_file = console.log_to_file(FLAGS.workdir, jax.process_index())
     logging.info("XLA compilation cache: %s", compile_cache.enable_persistent_cache() or "off")

@@ -1,7 +1,12 @@
-"""The main command as a user runs it: a misspelt field, runs sharing a tokenizer (what the
-console shows, what the log file keeps, SIGTERM and SIGKILL + resume, for every trainer: tests/test_trainers.py)."""
+"""The main command as a user runs it: a misspelt field, runs sharing a tokenizer, native import
+lines kept off the console (what the console shows, what the log file keeps, SIGTERM and SIGKILL +
+resume, for every trainer: tests/test_trainers.py)."""
 
+import logging
 import os
+import sys
+
+import pytest
 
 from tests.test_trainers import _run
 
@@ -44,3 +49,25 @@ def test_a_shared_tokenizer_is_trained_by_one_run_at_a_time(tmp_path):
         assert not entered.is_set()
     waiter.join(timeout=30)
     assert entered.is_set()
+
+
+def test_native_import_lines_go_to_the_log_not_the_console(tmp_path, monkeypatch, capfd, caplog):
+    """TensorFlow prints C++ INFO lines on import on some CPUs whatever its log level: the main
+    command imports it with stderr captured and logs the lines instead."""
+    from artfr_jax.utils import console
+
+    (tmp_path / "noisy_native.py").write_text("import os\nos.write(2, b'I0000 native note\\n')\n")
+    (tmp_path / "broken_native.py").write_text(
+        "import os\nos.write(2, b'E0000 why it failed\\n')\nraise ImportError('broken')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with caplog.at_level(logging.INFO, logger="artfr_jax.imports"):
+        console.import_quietly("noisy_native")
+    assert "I0000" not in capfd.readouterr().err
+    assert "I0000 native note" in caplog.text
+    with pytest.raises(ImportError, match="broken"):
+        console.import_quietly("broken_native")
+    assert "E0000 why it failed" in capfd.readouterr().err  # a failure keeps its own words
+    console.import_quietly("no_such_module_here")  # left to the code that needs it
+    for name in ("noisy_native", "broken_native"):
+        sys.modules.pop(name, None)

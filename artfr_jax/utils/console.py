@@ -11,6 +11,7 @@ for everything; :func:`for_notebook` does both for ``main.run`` called from a no
 
 from __future__ import annotations
 
+import importlib
 import logging
 import logging.handlers
 import os
@@ -41,6 +42,46 @@ class _ConsoleHandler(logging.Handler):
 
 def _is_console_record(record: logging.LogRecord) -> bool:
     return record.name == LOGGER.name
+
+
+def import_quietly(module: str) -> None:
+    """Imports ``module`` (TensorFlow, through clu and TFDS) with the process's stderr captured,
+    and logs what it wrote. TensorFlow 2.21 prints INFO lines from C++ on import on CPUs with
+    AVX-512 BF16 (its oneDNN and CPU-feature notes) before ``TF_CPP_MIN_LOG_LEVEL`` applies, so
+    they would reach the console past :func:`route_logs`. A failed import writes what it printed
+    back to stderr and raises as usual; a missing module is left to the code that needs it."""
+    if module in sys.modules:
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real stderr (some notebook kernels): import as is
+        _import_if_present(module)
+        return
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            _import_if_present(module)
+        except BaseException:
+            os.dup2(saved, 2)
+            captured.seek(0)
+            sys.stderr.write(captured.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        captured.seek(0)
+        text = captured.read().decode(errors="replace").strip()
+    if text:
+        logging.getLogger("artfr_jax.imports").info("import %s printed:\n%s", module, text)
+
+
+def _import_if_present(module: str) -> None:
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name != module:
+            raise
 
 
 def route_logs(verbosity: int) -> None:
