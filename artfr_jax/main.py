@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -126,7 +127,16 @@ def main(argv):
         jax.process_count(),
         jax.local_devices(),
     )
-    run(config, FLAGS.workdir)
+    try:
+        run(config, FLAGS.workdir)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+        # A field or an input the run cannot use (a batch the devices do not divide, a missing
+        # folder, a checkpoint of another model): its one line on the console, the traceback in
+        # the log file.
+        logging.info("Stopped by an error", exc_info=True)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f"error: {first} (traceback: {log_file})", file=sys.stderr)
+        sys.exit(1)
     if jax.process_index() == 0:
         console.say("Full log: %s", log_file)
 

@@ -71,3 +71,16 @@ def test_native_import_lines_go_to_the_log_not_the_console(tmp_path, monkeypatch
     console.import_quietly("no_such_module_here")  # left to the code that needs it
     for name in ("noisy_native", "broken_native"):
         sys.modules.pop(name, None)
+
+
+def test_a_batch_the_devices_do_not_divide_is_a_one_line_error(tmp_path):
+    """Three devices (three hosts of one device each behave the same) cannot split a batch of 8:
+    one line naming the field on the console, the traceback in the log file."""
+    workdir = tmp_path / "w"
+    res = _run(str(workdir), [*BASE, "--config.mesh.data=-1"], timeout=300, devices=3)
+    assert res.returncode == 1, res.stderr[-3000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: config.batch_size=8 must be divisible by the number"), last
+    assert last.endswith(f"(traceback: {workdir / 'train.log'})"), last
+    assert "Traceback" not in res.stderr
+    assert "Traceback" in (workdir / "train.log").read_text()

@@ -164,8 +164,8 @@ class TestVQFR(TrainerTests):
     trainer = TRAINERS["vqfr"]
 
     # Three and a half minutes of CI on 2 cores (XLA:CPU compiles of the VQFR step): its bfloat16
-    # branches are tested in tests/test_precision.py, the fsdp split of a state and multi-process
-    # training by the other trainers' tests; `pytest -m extended` runs them.
+    # branches are tested in tests/test_precision.py and the fsdp split of a state by the other
+    # trainers' tests; `pytest -m extended` runs them. Its two-process run stays in CI.
     @pytest.mark.extended
     def test_bfloat16_training_learns_a_batch(self, stage1_dir):
         super().test_bfloat16_training_learns_a_batch(stage1_dir)
@@ -173,17 +173,6 @@ class TestVQFR(TrainerTests):
     @pytest.mark.extended
     def test_eight_device_step_matches_one_device(self, stage1_dir):
         super().test_eight_device_step_matches_one_device(stage1_dir)
-
-    # Seven minutes of CI (the longest two-process run): `pytest -m extended`.
-    @pytest.mark.extended
-    @pytest.mark.slow
-    @pytest.mark.multiprocess
-    def test_two_processes_train_and_resume_like_one_process_on_two_devices(
-        self, stage1_dir, tmp_path
-    ):
-        super().test_two_processes_train_and_resume_like_one_process_on_two_devices(
-            stage1_dir, tmp_path
-        )
 
 
 class TestOSDFaceVRE(TrainerTests):
