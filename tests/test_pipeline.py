@@ -188,8 +188,9 @@ def test_config_errors(tmp_path):
 
 def test_resume_with_other_worker_count_continues_the_same_batches(tmp_path):
     """Batches do not depend on the worker count, so a state saved with 2 workers resumes
-    in-process (another host's auto count) exactly; a state from another process count is a
-    one-line error naming the checkpoint."""
+    in-process (another host's auto count) exactly; on two processes with the same global batch
+    each continues with its half of the same global batches; another global batch is a one-line
+    error naming the checkpoint."""
     import jax
     import jax.numpy as jnp
 
@@ -210,11 +211,25 @@ def test_resume_with_other_worker_count_continues_the_same_batches(tmp_path):
     other = data.make_train_iterator(_cfg(num_workers=0), global_batch_size=2, seed=0)
     _, step = ckpt_lib.restore(manager, state, shardings, other)
     assert step == 2 and _equal(after, _take(other, 2))
-    two_hosts = data.make_train_iterator(
-        _cfg(num_workers=0), global_batch_size=2, seed=0, process_count=2
+    halves = []
+    for i in range(2):  # the two hosts of a resized run, one after the other
+        host = data.make_train_iterator(
+            _cfg(num_workers=0), global_batch_size=2, seed=0, process_index=i, process_count=2
+        )
+        ckpt_lib.restore(manager, state, shardings, host)
+        assert host.get_state()["next_record"] == 2  # two global batches of one row each
+        halves.append(_take(host, 2))
+    for k in range(2):
+        for key in ("hq", "lq"):
+            joined = np.concatenate([halves[0][k][key], halves[1][k][key]])
+            np.testing.assert_array_equal(joined, after[k][key])
+    larger = data.make_train_iterator(
+        _cfg(num_workers=0), global_batch_size=4, seed=0, process_count=2
     )
-    with pytest.raises(ValueError, match=r"checkpoints/2/data: .*saved by process 0 of 1"):
-        ckpt_lib.restore(manager, state, shardings, two_hosts)
+    with pytest.raises(
+        ValueError, match=r"checkpoints/2/data: .*global batch of 2, this run's is 4"
+    ):
+        ckpt_lib.restore(manager, state, shardings, larger)
     manager.close()
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 
 import grain
@@ -16,6 +17,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import flags, logging
+from etils import epath
 
 from artfr_jax import workdirs
 from artfr_jax.train import state as state_lib
@@ -96,14 +98,25 @@ def restore(
     return restored["state"], step
 
 
-def _saved_setting(directory: str) -> str:
+def _saved_states(directory: str) -> dict[tuple[int, int], dict]:
+    """The per-process iterator states grain wrote (``process_<i>-of-<n>.json``), by (i, n)."""
+    states = {}
+    for path in epath.Path(directory).glob("process_*-of-*.json"):
+        match = re.fullmatch(r"process_(\d+)-of-(\d+)\.json", path.name)
+        if match:
+            try:
+                states[(int(match[1]), int(match[2]))] = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+    return states
+
+
+def _saved_setting(states: dict[tuple[int, int], dict]) -> str:
     """Best effort: the process count and batch size the saved iterator state came from."""
     try:
-        name = sorted(f for f in os.listdir(directory) if f.endswith(".json"))[0]
-        with open(os.path.join(directory, name)) as f:
-            saved = json.load(f)
+        saved = next(iter(states.values()))
         return f"process_count={saved['process_count']}, per-process batch={saved['batch_size']}"
-    except (OSError, IndexError, ValueError, KeyError, TypeError):
+    except (StopIteration, KeyError, TypeError):
         return "unknown settings"
 
 
@@ -111,16 +124,63 @@ def _restore_data(manager: ocp.CheckpointManager, step: int, data_iterator: Any)
     """Puts the saved data-iterator position into ``data_iterator``, or raises a one-line error.
 
     The position is a record count in the run's global example stream, so it resumes with any
-    number of data workers; the source, the seed and the number of processes must stay.
+    number of data workers, and with another number of processes when the global batch is the
+    same (every process reads its own block of each global batch: the global batch count fixes
+    everyone's position); the source and the seed must stay.
     """
     try:
         manager.restore(
             step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iterator))
         )
-    except (KeyError, ValueError, TypeError, IndexError) as e:
-        directory = os.path.join(str(manager.directory), str(step), "data")
+        return
+    except (KeyError, ValueError, TypeError, IndexError, FileNotFoundError) as e:
+        error = f"{type(e).__name__}: {e}"
+    directory = os.path.join(str(manager.directory), str(step), "data")
+    states = _saved_states(directory)
+    state, why = _state_for_this_process_count(states, data_iterator)
+    if state is None:
         raise ValueError(
             f"{directory}: the saved data-iterator state does not fit this run's data pipeline "
-            f"({type(e).__name__}: {e}); it was saved with {_saved_setting(directory)} - resume "
-            "with the data source, seed and number of processes the run started with"
-        ) from None
+            f"({why or error}); it was saved with {_saved_setting(states)} - resume with the data "
+            "source, seed and global batch the run started with"
+        )
+    data_iterator.set_state(state)
+    saved = next(iter(states.values()))
+    logging.info(
+        "Data stream of %d processes resumed on %d at global batch %d",
+        saved["process_count"],
+        data_iterator.process_count,
+        state["next_record"] // data_iterator.batch_size,
+    )
+
+
+def _state_for_this_process_count(
+    states: dict[tuple[int, int], dict], data_iterator: Any
+) -> tuple[dict | None, str]:
+    """This process's iterator state from the states of a run with another number of processes
+    and the same global batch; (None, why) when they do not give one."""
+    count = getattr(data_iterator, "process_count", None)
+    batch = getattr(data_iterator, "batch_size", None)
+    if count is None or batch is None or not states:
+        return None, ""
+    counts = {n for _, n in states}
+    if len(counts) != 1 or count in counts:
+        return None, ""
+    (saved_count,) = counts
+    if len(states) != saved_count:
+        return None, f"{len(states)} of the {saved_count} processes' states are readable"
+    try:
+        batches = {int(s["next_record"]) // int(s["batch_size"]) for s in states.values()}
+        saved_global = {int(s["batch_size"]) * saved_count for s in states.values()}
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None, ""
+    if saved_global != {batch * count}:
+        return None, (
+            f"saved with a global batch of {sorted(saved_global)[0]}, this run's is "
+            f"{batch * count}: the position in the record stream would not fall on a batch"
+        )
+    if len(batches) != 1:
+        return None, f"the saved processes stopped at different batches {sorted(batches)}"
+    state = dict(data_iterator.get_state())
+    state["next_record"] = batches.pop() * batch
+    return state, ""
