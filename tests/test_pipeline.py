@@ -252,3 +252,34 @@ def test_resolve_num_workers():
     )
     with pytest.raises(ValueError, match=r"data.num_workers must be >= 0, or -1 for auto, got -2"):
         data.resolve_num_workers(-2)
+
+
+def test_unreadable_checkpoint_is_a_one_line_error_naming_it(tmp_path):
+    """A step whose arrays cannot be read (a truncated file): the error names the step's folder,
+    the storage layer's reason and the step to fall back to."""
+    import jax
+    import jax.numpy as jnp
+
+    from artfr_jax.train import checkpoint as ckpt_lib
+
+    state = {"w": jnp.arange(4096, dtype=jnp.float32)}
+    shardings = {"w": jax.sharding.SingleDeviceSharding(jax.devices()[0])}
+    manager = ckpt_lib.make_manager(str(tmp_path), async_save=False)
+    for step in (2, 4):
+        ckpt_lib.save(manager, step, state, None, _cfg())
+    files = [p for p in (tmp_path / "checkpoints" / "4" / "state").rglob("*") if p.is_file()]
+    data_files = [p for p in files if p.parent.name == "d"]
+    assert data_files, files
+    for p in data_files:
+        p.write_bytes(p.read_bytes()[:16])
+    with pytest.raises(ValueError) as info:
+        ckpt_lib.restore(manager, state, shardings, None)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{tmp_path / 'checkpoints' / '4' / 'state'}: cannot be read (")
+    assert message.endswith(
+        "move that step's folder out of the checkpoints folder to resume from step 2"
+    )
+    restored, step = ckpt_lib.restore(manager, state, shardings, None, step=2)
+    assert step == 2 and np.array_equal(restored["w"], state["w"])
+    manager.close()

@@ -89,13 +89,31 @@ def restore(
     if step is None:
         return state, None
     target = state_lib.abstract_with_shardings(state_shardings, state)
-    restored = manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
-    )
+    try:
+        restored = manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+        )
+    except Exception as e:  # noqa: BLE001 - orbax raises a bare Exception for unreadable arrays
+        earlier = [s for s in manager.all_steps() if s < step]
+        hint = f" to resume from step {max(earlier)}" if earlier else ""
+        first = _root_message(e)
+        raise ValueError(
+            f"{os.path.join(str(manager.directory), str(step), 'state')}: cannot be read "
+            f"({first}); move that step's folder out of the checkpoints folder{hint}"
+        ) from e
     if data_iterator is not None:
         _restore_data(manager, step, data_iterator)
     logging.info("Restored checkpoint of step %d from %s", step, manager.directory)
     return restored["state"], step
+
+
+def _root_message(error: BaseException, limit: int = 300) -> str:
+    """The first line of the innermost cause of ``error`` (orbax wraps tensorstore's own message
+    in exceptions that print the whole array spec)."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return first if len(first) <= limit else first[: limit - 3] + "..."
 
 
 def _saved_states(directory: str) -> dict[tuple[int, int], dict]:
