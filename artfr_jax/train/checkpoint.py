@@ -99,7 +99,8 @@ def restore(
         first = _root_message(e)
         raise ValueError(
             f"{os.path.join(str(manager.directory), str(step), 'state')}: cannot be read "
-            f"({first}); move that step's folder out of the checkpoints folder{hint}"
+            f"({first}); if its files are damaged, move that step's folder out of the "
+            f"checkpoints folder{hint}"
         ) from e
     if data_iterator is not None:
         _restore_data(manager, step, data_iterator)
