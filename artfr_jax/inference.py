@@ -22,7 +22,7 @@ import numpy as np
 from flax import linen as nn
 
 from artfr_jax import workdirs
-from artfr_jax.models import factory, osdface
+from artfr_jax.models import factory, layers, osdface
 from artfr_jax.models import lora as lora_lib
 from artfr_jax.models.artfr import ARTFR
 from artfr_jax.models.vqfr import VQFRv1
@@ -128,7 +128,7 @@ def load_sd(model: Mapping[str, Any], workdir: str) -> tuple[nn.Module, Any, nn.
     from artfr_jax.convert import diffusers_sd  # noqa: PLC0415
 
     pol = sd_policy(model)
-    remat = bool(model.get("remat", False))
+    remat = layers.remat_mode(model.get("remat", False))
     if model["init"] == "random":
         folder = base_weights_dir(workdir)
         paths = {c: os.path.join(folder, f"{c}.msgpack") for c in ("unet", "vae")}

@@ -44,8 +44,9 @@ on which each program fits. ``--out=PREFIX`` writes PREFIX.json and PREFIX.md.
 
 Mesh (``--mesh=data,fsdp``, repeatable; -1 takes the remaining chips): default ``auto``, all
 chips on ``data`` or, where the global batch has fewer examples than chips, as many chips as it
-has (OSDFace's batch 2 uses 2 chips of a 4-chip slice). ``--remat=on|off|both`` sets
-``config.model.remat``. ``--lower_only`` stops after lowering (no memory or cost numbers). ``--traffic=DEPTH`` prints
+has (OSDFace's batch 2 uses 2 chips of a 4-chip slice). ``--remat`` sets ``config.model.remat``:
+``off`` (``none``), ``on`` (``full``), ``matmuls`` (only norms and activations recomputed), ``both``
+(``none`` and ``full``) or ``all``. ``--lower_only`` stops after lowering (no memory or cost numbers). ``--traffic=DEPTH`` prints
 the bytes accessed per model scope (``benchmarks/hlo_traffic.py``; where an HBM-bound step's
 traffic goes), ``--dump_compiled=DIR`` writes the compiled programs' HLO text.
 ``cpu:N`` as a topology lowers for N of this host's CPU devices instead (for comparison).
@@ -103,6 +104,14 @@ from configs import vqgan as vqgan_config  # noqa: E402
 GIB = 2**30
 PAPER = ("vqgan", "art", "vqfr", "osdface", "art_restore")
 ABSTRACT_FILE = "(abstract: shapes only)"
+# --remat: config.model.remat values (models/layers.REMAT_MODES) compiled
+REMATS = {
+    "off": ["none"],
+    "on": ["full"],
+    "matmuls": ["matmuls"],
+    "both": ["none", "full"],
+    "all": ["none", "matmuls", "full"],
+}
 
 
 # ------------------------------------------------------------------------------------- chips
@@ -337,7 +346,7 @@ def build_restore(config, mesh: Mesh, batch: int) -> Program:
     return Program(restorer._run, args, batch, config.model.dtype, note)
 
 
-def program_config(name: str, remat: bool, image_size: int | None) -> ml_collections.ConfigDict:
+def program_config(name: str, remat: str, image_size: int | None) -> ml_collections.ConfigDict:
     """The config of program ``name`` (``art``, ``art_tiny``, ...) with ``model.remat``."""
     variant = "tiny" if name.endswith("_tiny") else None
     base = name.removesuffix("_tiny")
@@ -414,7 +423,7 @@ class Result:
     topology: str
     chips: int
     mesh: str
-    remat: bool
+    remat: str  # models/layers.REMAT_MODES
     batch: int
     dtype: str
     note: str = ""
@@ -622,7 +631,7 @@ def row(r: Result) -> list[str]:
         r.topology,
         str(r.chips),
         r.mesh,
-        "on" if r.remat else "off",
+        r.remat,
         str(r.batch),
         r.dtype,
         _gib(r.argument_bytes),
@@ -675,11 +684,11 @@ def write_outputs(prefix: str, results: list[Result], command: str) -> None:
 # ------------------------------------------------------------------------------------ search
 
 
-def fit_candidates(chips: int, batch: int) -> list[tuple[int, int, bool]]:
+def fit_candidates(chips: int, batch: int) -> list[tuple[int, int, str]]:
     """``(data, fsdp, remat)`` on ``chips`` chips (at most ``batch`` of them), least memory first:
     all fsdp with remat, all fsdp without, all data without."""
     n = math.gcd(chips, batch)
-    return [(1, n, True), (1, n, False), (n, 1, False)]
+    return [(1, n, "full"), (1, n, "none"), (n, 1, "none")]
 
 
 def search_fit(name: str, chip: Chip, args, report: Callable[[Result], None]) -> Result | None:
@@ -688,7 +697,7 @@ def search_fit(name: str, chip: Chip, args, report: Callable[[Result], None]) ->
     for shape in FIT_TOPOLOGIES[chip.name]:
         topo = parse_topology(f"{chip.name}:{shape}")
         devices = topology_devices(topo)
-        config = program_config(name, False, args.image_size)
+        config = program_config(name, "none", args.image_size)
         batch = global_batch(name, config, args.restore_batch)
         least, *cheaper = fit_candidates(topo.num_chips, batch)
         first = run_one(name, topo, devices, f"{least[0]},{least[1]}", least[2], args)
@@ -720,7 +729,7 @@ def parse_args(argv):
     p.add_argument("--topology", action="append", help="v5e:2x2 (default), v5p:2x2x1, cpu:4 ...")
     p.add_argument("--config", action="append", help=f"one of {program_names()} (repeatable)")
     p.add_argument("--mesh", action="append", help="'auto' (default) or 'data,fsdp'")
-    p.add_argument("--remat", default="off", choices=("on", "off", "both"))
+    p.add_argument("--remat", default="off", choices=tuple(REMATS))
     p.add_argument("--lower_only", action="store_true", help="lower, do not compile")
     p.add_argument("--fit", action="store_true", help="smallest slice/mesh that fits (<= 8 chips)")
     p.add_argument("--restore_batch", type=int, default=8, help="art_restore: faces per call")
@@ -751,7 +760,7 @@ def parse_args(argv):
 def main(argv=None) -> list[Result]:
     args = parse_args(argv)
     command = "python -m benchmarks.aot_compile " + " ".join(sys.argv[1:] if argv is None else argv)
-    remats = {"on": [True], "off": [False], "both": [False, True]}[args.remat]
+    remats = REMATS[args.remat]
     results: list[Result] = []
 
     def report(r: Result) -> None:

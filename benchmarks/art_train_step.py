@@ -28,7 +28,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from artfr_jax.models import factory  # noqa: E402
+from artfr_jax.models import factory, layers  # noqa: E402
 from artfr_jax.train import art_trainer, loop, sharding  # noqa: E402
 from benchmarks import results  # noqa: E402
 from configs import art as art_config  # noqa: E402
@@ -186,7 +186,7 @@ def build(config_name: str, per_device_batch: int | None, dtype: str, remat: boo
     for assignment in sets:
         _override(config, assignment)
     config.model.dtype = dtype
-    config.model.remat = remat
+    config.model.remat = layers.remat_mode(remat)
     config.mesh.update(data=-1, fsdp=1)
     if per_device_batch is not None:
         config.batch_size = per_device_batch * len(jax.devices())

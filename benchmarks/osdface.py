@@ -76,7 +76,7 @@ from flax import traverse_util  # noqa: E402
 from artfr_jax import inference  # noqa: E402
 from artfr_jax.evaluation import arcface  # noqa: E402
 from artfr_jax.losses import dists as dists_lib  # noqa: E402
-from artfr_jax.models import factory, lora  # noqa: E402
+from artfr_jax.models import factory, layers, lora  # noqa: E402
 from artfr_jax.models.unet import UNet  # noqa: E402
 from artfr_jax.models.vae import AutoencoderKL  # noqa: E402
 from artfr_jax.sampling import noise_schedule  # noqa: E402
@@ -97,7 +97,7 @@ def _fields(section) -> dict:
     return {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in dict(section).items()}
 
 
-def get_config(small: bool, dtype: str | None, frozen_dtype: str | None, remat: bool = False):
+def get_config(small: bool, dtype: str | None, frozen_dtype: str | None, remat: str = "none"):
     """``configs/osdface.py`` (``tiny`` with ``small``) with the benchmark's policy fields."""
     config = osdface_config.get_config("tiny" if small else None)
     dtype = dtype or config.model.dtype
@@ -112,7 +112,7 @@ def build_networks(config: ml_collections.ConfigDict, with_arcface: bool = False
     VRE's LQ branch from ``config.stage1.config.model`` under ``config.model``'s policy."""
     m = config.model
     sd_pol = factory.policy(inference.sd_policy(m))
-    remat = bool(m.remat)
+    remat = layers.remat_mode(m.remat)
     unet = UNet(**_fields(m.unet), remat=remat, **sd_pol)
     vae = AutoencoderKL(**_fields(m.vae), remat=remat, **sd_pol)
     vre = factory.tokenizer(config.stage1.config.model.to_dict(), policy_from=m.to_dict())
@@ -499,7 +499,14 @@ def main(argv=None) -> None:
     p.add_argument(
         "--train_size", type=int, default=None, help="memory: image side (default: the config's)"
     )
-    p.add_argument("--remat", action="store_true", help="memory: rematerialise UNet/VAE blocks")
+    p.add_argument(
+        "--remat",
+        nargs="?",
+        const="full",
+        default="none",
+        choices=layers.REMAT_MODES,
+        help="memory: rematerialise UNet/VAE blocks (alone: full)",
+    )
     p.add_argument(
         "--losses",
         default=None,

@@ -93,7 +93,7 @@ def osdface(
     from configs import osdface as osdface_config  # noqa: PLC0415
 
     config = osdface_config.get_config(_variant(variant))
-    config.model.update(dtype=dtype, frozen_param_dtype=dtype, remat=False)
+    config.model.update(dtype=dtype, frozen_param_dtype=dtype, remat="none")
     nets = bench.build_networks(config)
     size = config.data.image_size
     if size % bench.image_multiple(nets):

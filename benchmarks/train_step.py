@@ -29,7 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from artfr_jax.losses import perceptual  # noqa: E402
-from artfr_jax.models import factory  # noqa: E402
+from artfr_jax.models import factory, layers  # noqa: E402
 from artfr_jax.train import loop, sharding, vqgan_trainer  # noqa: E402
 from benchmarks import results  # noqa: E402
 from benchmarks.art_train_step import (  # noqa: E402
@@ -49,7 +49,7 @@ def build(
     kernels: str = "auto",
 ):
     config = vqgan_config.get_config(None if config_name == "paper" else config_name)
-    config.model.update(remat=remat, dtype=dtype, kernels=kernels)
+    config.model.update(remat=layers.remat_mode(remat), dtype=dtype, kernels=kernels)
     config.mesh.update(data=-1, fsdp=1)
     n_dev = len(jax.devices())
     if batch is not None:

@@ -25,7 +25,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from artfr_jax.losses import perceptual  # noqa: E402
-from artfr_jax.models import factory  # noqa: E402
+from artfr_jax.models import factory, layers  # noqa: E402
 from artfr_jax.train import loop, sharding, vqfr_trainer  # noqa: E402
 from benchmarks.art_train_step import print_memory_analysis, print_step_report  # noqa: E402
 from configs import vqfr as vqfr_config  # noqa: E402
@@ -35,7 +35,7 @@ def build(
     config_name: str, per_device_batch: int | None, remat: bool = False, dtype: str = "float32"
 ):
     config = vqfr_config.get_config(None if config_name == "paper" else config_name)
-    config.model.update(remat=remat, dtype=dtype)
+    config.model.update(remat=layers.remat_mode(remat), dtype=dtype)
     config.mesh.update(data=-1, fsdp=1)
     if per_device_batch is not None:
         config.batch_size = per_device_batch * len(jax.devices())

@@ -32,7 +32,7 @@ def _model(**kwargs) -> ml_collections.ConfigDict:
     fields = osdface.vre_autoencoder_kwargs(**kwargs)
     fields.update(
         normalize_codes=False,
-        remat=False,
+        remat="none",
         dtype="bfloat16",
         param_dtype="float32",
         kernels="auto",

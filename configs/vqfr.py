@@ -55,15 +55,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         dict(workdir="", train_if_missing=False, config=_stage1_config("vqfr"))
     )
     # Fields of VQFRv1 beyond the stage-I model's (which it copies).
-    # remat: recompute residual blocks and texture warping modules in the backward pass (less
-    # activation memory for one extra forward pass; the paper step at batch 1: temp 19.1 -> 11.2 GiB).
+    # remat="full": recompute residual blocks and texture warping modules in the backward pass (less
+    # activation memory for one extra forward pass; the paper step at batch 1: temp 19.1 -> 11.2 GiB);
+    # "matmuls" recomputes only their norms and activations.
     # The precision and kernel policy of every network of the stage (models/factory.py): the
     # network, the four discriminators, LPIPS and the frozen codebook model. CPU variants: float32.
     config.model = ml_collections.ConfigDict(
         dict(
             cond_channels=32,
             deformable_groups=4,
-            remat=False,
+            remat="none",
             dtype="bfloat16",
             param_dtype="float32",
             kernels="auto",

@@ -49,7 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             norm_num_groups=32,
             beta=0.25,
             normalize_codes=False,
-            remat=False,
+            remat="none",  # or "matmuls", "full" (models/layers.remat_mode)
             # One precision and kernel policy for every network of the stage, the discriminator
             # and LPIPS included (models/factory.py): bfloat16 compute on accelerators, float32
             # parameters; the CPU variants compute in float32.

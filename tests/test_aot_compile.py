@@ -133,7 +133,7 @@ ANALYSIS = """
 import types
 from benchmarks import aot_compile as a
 chip = a.CHIPS["v5e"]
-r = a.Result("art", "v5e:2x2", 4, "4x1", False, 24, "bfloat16")
+r = a.Result("art", "v5e:2x2", 4, "4x1", "none", 24, "bfloat16")
 mem = types.SimpleNamespace(argument_size_in_bytes=3 * 2**30, output_size_in_bytes=2**30,
     temp_size_in_bytes=14 * 2**30, alias_size_in_bytes=2**30, generated_code_size_in_bytes=0)
 cost = {"flops": 197e12 * 0.5, "bytes accessed": 819e9 * 0.25}
@@ -144,7 +144,7 @@ assert r.peak_bytes == 17 * 2**30 and r.fits is False, r
 assert abs(r.roofline_s - 0.5) < 1e-9 and r.bound == "FLOPs", r
 assert a.oom_bytes("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. "
                    "Used 21.50G of 15.75G hbm.") == ("peak", int(21.5 * 2**30))
-oom = a.Result("vqgan", "v5e:2x2", 4, "4x1", False, 24, "bfloat16")
+oom = a.Result("vqgan", "v5e:2x2", 4, "4x1", "full", 24, "bfloat16")
 assert a.add_oom(oom, "JaxRuntimeError: RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total "
     "memory required for HLO temporaries (45.86G) exceeds available HBM (15.75G).", chip)
 assert oom.fits is False and oom.temp_bytes == int(45.86 * 2**30), oom

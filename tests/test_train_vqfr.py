@@ -148,7 +148,7 @@ def test_init_from_a_workdir_or_a_converted_file(stage1, trained, tmp_path):
     for a, b in zip(jax.tree.leaves(state.params["sr"]), jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(a, b)
     remat = tiny_config(stage1, init_from=workdir)
-    remat.model.remat = True  # a compute setting: the same network, so the start is allowed
+    remat.model.remat = "full"  # a compute setting: the same network, so the start is allowed
     vqfr_trainer.make_stage(remat, str(tmp_path / "remat"))
     with pytest.raises(ValueError, match=r"config.init_from=.*expected a 'vqfr' checkpoint"):
         vqfr_trainer.make_stage(tiny_config(stage1, init_from=stage1), str(tmp_path / "x"))

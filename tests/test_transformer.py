@@ -85,17 +85,23 @@ def test_bad_shapes_and_fields_are_clear_errors():
         _transformer().init(jax.random.key(0), tokens[:, :-1], cond)
 
 
-def test_remat_and_dropout_keep_the_function():
+@pytest.mark.parametrize("mode", [True, "matmuls"])
+def test_remat_and_dropout_keep_the_function(mode):
     tokens, cond = _inputs()
     plain = _transformer()
     params = plain.init(jax.random.key(1), tokens, cond)["params"]
-    remat = _transformer(remat=True)
+    remat = _transformer(remat=mode)
     np.testing.assert_allclose(
         remat.apply({"params": params}, tokens, cond),
         plain.apply({"params": params}, tokens, cond),
         rtol=1e-5,
         atol=1e-5,
     )
+    grads = [
+        jax.grad(lambda p, m=m: jnp.sum(m.apply({"params": p}, tokens, cond) ** 2))(params)
+        for m in (plain, remat)
+    ]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4), *grads)
     drop = _transformer(dropout_rate=0.5)
     eval_out = drop.apply({"params": params}, tokens, cond)
     np.testing.assert_allclose(eval_out, plain.apply({"params": params}, tokens, cond), atol=1e-6)

@@ -9,6 +9,7 @@ import pytest
 
 from artfr_jax.models import kernels as kernels_lib
 from artfr_jax.models.kernels import Kernels
+from artfr_jax.models.layers import remat_mode
 from artfr_jax.models.vqgan import VQGAN, VectorQuantizer, code_usage_stats, nearest_code
 
 TINY = dict(
@@ -191,9 +192,10 @@ def test_bfloat16_forward_is_finite(tiny):
     assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) < 0.05
 
 
-def test_remat_matches_plain():
+@pytest.mark.parametrize("mode", ["full", "matmuls", True])
+def test_remat_matches_plain(mode):
     small = dict(TINY, block_out_channels=(8,), attention_levels=(0,), norm_num_groups=4)
-    model, remat = VQGAN(**small), VQGAN(**small, remat=True)
+    model, remat = VQGAN(**small), VQGAN(**small, remat=mode)
     x = jax.random.normal(jax.random.key(0), (1, 8, 8, 3))
     variables = random_variables(model, x)
 
@@ -274,3 +276,40 @@ def test_group_norm_any_position_count(shape, mode):
         rtol=1e-4,
         atol=1e-5,
     )
+
+
+def test_remat_modes_keep_what_they_say():
+    """``matmuls`` keeps the convolution outputs (no more FLOPs than ``none``, fewer than ``full``,
+    which recomputes them) and recomputes the norms and activations (less memory than ``none``)."""
+    kw = dict(TINY, block_out_channels=(16, 32), norm_num_groups=4, kernels=Kernels("xla"))
+    x = jnp.zeros((2, 32, 32, 3))
+    params = random_variables(VQGAN(**kw), x)["params"]
+    cost = {}
+    for mode in ("none", "matmuls", "full"):
+        model = VQGAN(**kw, remat=mode)
+
+        def loss(p, model=model):
+            recon, aux = model.apply({"params": p}, x)
+            return jnp.mean(recon**2) + aux["vq_loss"]
+
+        options = kernels_lib.compiler_options(jax.devices())
+        compiled = jax.jit(jax.grad(loss)).lower(params).compile(compiler_options=options)
+        cost[mode] = (
+            compiled.cost_analysis()["flops"],
+            compiled.memory_analysis().temp_size_in_bytes,
+        )
+    (f_none, t_none), (f_mm, t_mm), (f_full, _) = cost["none"], cost["matmuls"], cost["full"]
+    assert f_mm < 1.02 * f_none and f_full > 1.05 * f_none, cost
+    assert t_mm < 0.8 * t_none, cost
+
+
+def test_remat_mode_names():
+    assert [remat_mode(v) for v in (False, True, "off", "ON", "matmuls")] == [
+        "none",
+        "full",
+        "none",
+        "full",
+        "matmuls",
+    ]
+    with pytest.raises(ValueError, match=r"config.model.remat='some'.*expected one of"):
+        remat_mode("some")

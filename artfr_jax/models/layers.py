@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from jax import lax
 
 from artfr_jax.models import kernels as kernels_lib
 from artfr_jax.models.kernels import Kernels
@@ -249,9 +250,41 @@ class Upsample(nn.Module):
         return conv(x)
 
 
-def _maybe_remat(cls, remat: bool):
-    # Recomputing the block's activations in the backward pass trades compute for memory.
-    return nn.remat(cls) if remat else cls
+REMAT_MODES = ("none", "matmuls", "full")
+_REMAT_ALIASES = {"false": "none", "off": "none", "true": "full", "on": "full"}
+
+
+def remat_mode(remat: bool | str, field: str = "config.model.remat") -> str:
+    """``remat`` as one of :data:`REMAT_MODES`; ``True`` / ``False`` (and ``'true'``, ``'on'``,
+    ``'false'``, ``'off'``) are ``'full'`` / ``'none'``. Anything else is an error naming ``field``.
+
+    ``none`` keeps every activation the backward pass needs; ``matmuls`` keeps only the outputs of
+    convolutions and matrix products and recomputes norms, activations and sums from them in the
+    backward pass (no extra MXU work; on TPU fewer bytes moved and less memory than ``none``, see
+    docs/performance.md); ``full`` recomputes whole blocks (least memory, one more forward pass).
+    """
+    if isinstance(remat, bool):
+        return "full" if remat else "none"
+    mode = _REMAT_ALIASES.get(str(remat).lower(), str(remat).lower())
+    if mode not in REMAT_MODES:
+        raise ValueError(f"{field}={remat!r}: expected one of {REMAT_MODES} (or true / false)")
+    return mode
+
+
+def _saves_matmul_outputs(prim, *_, **__) -> bool:
+    return prim in (lax.conv_general_dilated_p, lax.dot_general_p)
+
+
+def remat(cls, mode: bool | str, **kwargs):
+    """``cls`` (a module class) as ``mode`` asks (:func:`remat_mode`): itself, or ``nn.remat`` of
+    it with the policy that keeps convolution and matmul outputs, or recomputing everything.
+    ``kwargs`` go to ``nn.remat`` (``static_argnums``)."""
+    mode = remat_mode(mode)
+    if mode == "none":
+        return cls
+    if mode == "matmuls":
+        return nn.remat(cls, policy=_saves_matmul_outputs, **kwargs)
+    return nn.remat(cls, **kwargs)
 
 
 class LevelBlock(nn.Module):
@@ -272,7 +305,7 @@ class LevelBlock(nn.Module):
     epsilon: float = 1e-6
     act: Activation = nn.swish
     norm: Callable[..., nn.Module] = GroupNorm
-    remat: bool = False
+    remat: bool | str = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     precision: Any = None
@@ -287,7 +320,7 @@ class LevelBlock(nn.Module):
             kernels=self.kernels,
         )
         norm_kw = dict(num_groups=self.num_groups, epsilon=self.epsilon, norm=self.norm)
-        block = _maybe_remat(ResnetBlock, self.remat)
+        block = remat(ResnetBlock, self.remat)
         for i in range(self.num_layers):
             x = block(self.out_channels, act=self.act, name=f"resnet_{i}", **norm_kw, **common)(x)
             if self.add_attention:
@@ -316,7 +349,7 @@ class MidBlock(nn.Module):
     epsilon: float = 1e-6
     act: Activation = nn.swish
     norm: Callable[..., nn.Module] = GroupNorm
-    remat: bool = False
+    remat: bool | str = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     precision: Any = None
@@ -331,7 +364,7 @@ class MidBlock(nn.Module):
             kernels=self.kernels,
         )
         norm_kw = dict(num_groups=self.num_groups, epsilon=self.epsilon, norm=self.norm)
-        block = _maybe_remat(ResnetBlock, self.remat)
+        block = remat(ResnetBlock, self.remat)
         c = x.shape[-1]
         x = block(c, act=self.act, name="resnet_0", **norm_kw, **common)(x)
         for i in range(self.num_layers):

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from artfr_jax.models import kernels as kernels_lib
+from artfr_jax.models import layers
 
 Dtype = Any
 CONDITION_MODES = ("prefix", "concat", "cross_attention")
@@ -139,7 +140,7 @@ class MaskedTokenTransformer(nn.Module):
     condition_mode: str = "prefix"
     long_skips: bool = True
     dropout_rate: float = 0.0
-    remat: bool = False
+    remat: bool | str = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -190,9 +191,7 @@ class MaskedTokenTransformer(nn.Module):
             context = cond + cpos.astype(self.dtype)[None]
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
 
-        block_cls = (
-            nn.remat(TransformerBlock, static_argnums=(4,)) if self.remat else TransformerBlock
-        )
+        block_cls = layers.remat(TransformerBlock, self.remat, static_argnums=(4,))
         block = lambda name: block_cls(
             self.num_heads,
             self.mlp_dim,

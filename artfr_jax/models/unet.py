@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from artfr_jax.models import kernels as kernels_lib
+from artfr_jax.models import layers
 from artfr_jax.models.kernels import Kernels
 from artfr_jax.models.layers import (
     Activation,
@@ -259,7 +260,7 @@ class _Level(nn.Module):
     epsilon: float = 1e-5
     act: Activation = nn.swish
     output_scale_factor: float = 1.0
-    remat: bool = False
+    remat: bool | str = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     precision: Any = None
@@ -274,7 +275,7 @@ class _Level(nn.Module):
         )
 
     def _resnet(self, name: str) -> nn.Module:
-        cls = nn.remat(ResnetBlock) if self.remat else ResnetBlock
+        cls = layers.remat(ResnetBlock, self.remat)
         return cls(
             self.out_channels,
             num_groups=self.num_groups,
@@ -290,7 +291,7 @@ class _Level(nn.Module):
             raise ValueError(
                 f"UNet: {self.heads} attention heads must divide the {self.out_channels} channels"
             )
-        cls = nn.remat(Transformer2D) if self.remat else Transformer2D
+        cls = layers.remat(Transformer2D, self.remat)
         return cls(
             self.heads,
             self.out_channels // self.heads,
@@ -449,7 +450,7 @@ class UNet(nn.Module):
     mid_block_scale_factor: float = 1.0
     resnet_out_scale_factor: float = 1.0
     time_embedding_dim: int | None = None
-    remat: bool = False
+    remat: bool | str = False
     mid_only: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32

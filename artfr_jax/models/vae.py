@@ -74,7 +74,7 @@ class AutoencoderKL(nn.Module):
     scaling_factor: float = 0.18215
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
-    remat: bool = False
+    remat: bool | str = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     precision: Any = None

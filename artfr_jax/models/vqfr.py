@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from artfr_jax.models import layers
 from artfr_jax.models.deform_conv import deform_conv2d
 from artfr_jax.models.kernels import Kernels
 from artfr_jax.models.layers import Conv, GroupNorm
@@ -189,7 +190,7 @@ def _block_cls(module) -> type[ResnetBlock]:
     """``ResnetBlock``, recomputed in the backward pass when ``module.remat``: less activation
     memory at 512 px for one extra forward pass of the blocks (on CPU only in programs compiled
     with ``kernels.compiler_options``, which keep XLA from merging the recomputation away)."""
-    return nn.remat(ResnetBlock) if module.remat else ResnetBlock
+    return layers.remat(ResnetBlock, module.remat)
 
 
 class _Levels(nn.Module):
@@ -206,7 +207,7 @@ class _Levels(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     precision: PrecisionLike = None
-    remat: bool = False
+    remat: bool | str = False
     kernels: Kernels = Kernels()
 
     def _channels(self) -> tuple[int, ...]:
@@ -450,7 +451,7 @@ class VQGANv1(nn.Module):
     param_dtype: Dtype = jnp.float32
     precision: PrecisionLike = None
     kernels: Kernels = Kernels()
-    remat: bool = False
+    remat: bool | str = False
 
     def setup(self):
         fields = _level_fields(self)
@@ -627,7 +628,7 @@ class MainDecoder(nn.Module):
     param_dtype: Dtype = jnp.float32
     precision: PrecisionLike = None
     kernels: Kernels = Kernels()
-    remat: bool = False
+    remat: bool | str = False
 
     @nn.compact
     def __call__(
@@ -648,7 +649,7 @@ class MainDecoder(nn.Module):
             kernels=self.kernels,
         )
 
-        twm_cls = nn.remat(TextureWarpingModule) if self.remat else TextureWarpingModule
+        twm_cls = layers.remat(TextureWarpingModule, self.remat)
 
         def twm(i):
             return twm_cls(

@@ -133,7 +133,7 @@ class Encoder(nn.Module):
     norm_num_groups: int = 32
     norm_eps: float = 1e-6
     act_fn: str = "silu"
-    remat: bool = False
+    remat: bool | str = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     precision: Any = None
@@ -193,7 +193,7 @@ class Decoder(nn.Module):
     norm_num_groups: int = 32
     norm_eps: float = 1e-6
     act_fn: str = "silu"
-    remat: bool = False
+    remat: bool | str = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     precision: Any = None
@@ -284,7 +284,7 @@ class VQGAN(nn.Module):
     normalize_codes: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    remat: bool = False
+    remat: bool | str = False
     precision: Any = None
     kernels: Kernels = Kernels()
 
