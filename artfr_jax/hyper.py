@@ -53,6 +53,35 @@ def apply(config, trial: Mapping[str, Any]):
     return config
 
 
+def apply_assignment(config, assignment: str):
+    """``'model.width=128'`` (a command line's ``--set``): the text after ``=`` read as the type
+    of the field's current value (``true``/``1``/``yes`` for a bool, ``1,2`` for a tuple), then
+    :func:`apply`. One-line ValueError for a malformed assignment, a missing field or a value
+    that does not parse."""
+    name, sep, text = assignment.partition("=")
+    if not sep:
+        raise ValueError(f"--set {assignment!r}: expected KEY=VALUE, e.g. model.width=128")
+    key = field_key(name.strip())
+    node = config
+    try:
+        for part in key.split(".")[1:]:
+            node = node[part]
+    except (KeyError, AttributeError):
+        raise ValueError(f"{key}: no such field") from None
+    try:
+        if isinstance(node, bool):
+            value = text.strip().lower() in ("1", "true", "yes", "on")
+        elif isinstance(node, tuple | list):
+            value = tuple(type(node[0])(v) for v in text.strip("()[]").split(",") if v.strip())
+        elif node is None:
+            value = text
+        else:
+            value = type(node)(text)
+    except (ValueError, IndexError):
+        raise ValueError(f"{key}={text!r}: expected {type(node).__name__}") from None
+    return apply(config, {key: value})
+
+
 def sweep(name: str, values: Iterable[Any]) -> list[Trial]:
     """One trial per value of ``name``."""
     key = field_key(name)

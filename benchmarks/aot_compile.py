@@ -80,7 +80,7 @@ import ml_collections  # noqa: E402
 from flax import traverse_util  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 
-from artfr_jax import inference  # noqa: E402
+from artfr_jax import hyper, inference  # noqa: E402
 from artfr_jax.evaluation import arcface  # noqa: E402
 from artfr_jax.losses import dists as dists_lib  # noqa: E402
 from artfr_jax.losses import perceptual as perceptual_lib  # noqa: E402
@@ -346,8 +346,11 @@ def build_restore(config, mesh: Mesh, batch: int) -> Program:
     return Program(restorer._run, args, batch, config.model.dtype, note)
 
 
-def program_config(name: str, remat: str, image_size: int | None) -> ml_collections.ConfigDict:
-    """The config of program ``name`` (``art``, ``art_tiny``, ...) with ``model.remat``."""
+def program_config(
+    name: str, remat: str, image_size: int | None, sets=()
+) -> ml_collections.ConfigDict:
+    """The config of program ``name`` (``art``, ``art_tiny``, ...) with ``model.remat`` and the
+    ``--set`` assignments (``model.transformer_remat=full``)."""
     variant = "tiny" if name.endswith("_tiny") else None
     base = name.removesuffix("_tiny")
     if base == "osdface":
@@ -356,6 +359,8 @@ def program_config(name: str, remat: str, image_size: int | None) -> ml_collecti
         module = {"vqgan": vqgan_config, "vqfr": vqfr_config}.get(base, art_config)
         config = module.get_config(variant)
         config.model.remat = remat
+    for assignment in sets:
+        hyper.apply_assignment(config, assignment)
     if image_size:
         config.data.image_size = image_size
         for section in config.values():  # discriminators built for one input size (SWAGAN)
@@ -538,7 +543,7 @@ def lowered_text(lowered) -> str:
 def run_one(name, topo: Topology, devices, mesh_spec, remat, args) -> Result:
     """Builds, lowers and (unless ``--lower_only``) compiles one program; a program that does not
     fit the chip's HBM is a result (``fits=False``, XLA's message in ``error``), not an error."""
-    config = program_config(name, remat, args.image_size)
+    config = program_config(name, remat, args.image_size, args.set)
     batch = global_batch(name, config, args.restore_batch)
     data, fsdp = resolve_mesh(mesh_spec, len(devices), batch)
     result = Result(name, topo.name, data * fsdp, f"{data}x{fsdp}", remat, batch, "")
@@ -546,7 +551,8 @@ def run_one(name, topo: Topology, devices, mesh_spec, remat, args) -> Result:
     sharding.check_batch_size(batch, mesh)
     t0 = time.perf_counter()
     program = build_program(name, config, mesh, args.restore_batch)
-    result.dtype, result.note = str(program.dtype), program.note
+    result.dtype = str(program.dtype)
+    result.note = ", ".join(filter(None, [program.note, *args.set]))
     with jax.set_mesh(mesh):
         lowered = program.fn.lower(*program.args)
     result.lower_s = time.perf_counter() - t0
@@ -697,7 +703,7 @@ def search_fit(name: str, chip: Chip, args, report: Callable[[Result], None]) ->
     for shape in FIT_TOPOLOGIES[chip.name]:
         topo = parse_topology(f"{chip.name}:{shape}")
         devices = topology_devices(topo)
-        config = program_config(name, "none", args.image_size)
+        config = program_config(name, "none", args.image_size, args.set)
         batch = global_batch(name, config, args.restore_batch)
         least, *cheaper = fit_candidates(topo.num_chips, batch)
         first = run_one(name, topo, devices, f"{least[0]},{least[1]}", least[2], args)
@@ -730,6 +736,13 @@ def parse_args(argv):
     p.add_argument("--config", action="append", help=f"one of {program_names()} (repeatable)")
     p.add_argument("--mesh", action="append", help="'auto' (default) or 'data,fsdp'")
     p.add_argument("--remat", default="off", choices=tuple(REMATS))
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config field, after --remat: model.transformer_remat=full (repeatable)",
+    )
     p.add_argument("--lower_only", action="store_true", help="lower, do not compile")
     p.add_argument("--fit", action="store_true", help="smallest slice/mesh that fits (<= 8 chips)")
     p.add_argument("--restore_batch", type=int, default=8, help="art_restore: faces per call")

@@ -28,6 +28,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from artfr_jax import hyper  # noqa: E402
 from artfr_jax.models import factory, layers  # noqa: E402
 from artfr_jax.train import art_trainer, loop, sharding  # noqa: E402
 from benchmarks import results  # noqa: E402
@@ -166,27 +167,13 @@ def print_memory_analysis(compiled, device=None) -> bool:
     return new <= free
 
 
-def _override(config, assignment: str):
-    key, _, value = assignment.partition("=")
-    *path, last = key.split(".")
-    node = config
-    for p in path:
-        node = node[p]
-    old = node[last]
-    if isinstance(old, bool):
-        node[last] = value.lower() in ("1", "true", "yes")
-    elif isinstance(old, tuple | list):
-        node[last] = type(old)(int(v) for v in value.strip("()[]").split(",") if v.strip())
-    else:
-        node[last] = type(old)(value)
-
-
 def build(config_name: str, per_device_batch: int | None, dtype: str, remat: bool, sets=()):
     config = art_config.get_config(None if config_name == "paper" else config_name)
     for assignment in sets:
-        _override(config, assignment)
+        hyper.apply_assignment(config, assignment)
     config.model.dtype = dtype
-    config.model.remat = layers.remat_mode(remat)
+    if remat:  # else the config's (or a --set's)
+        config.model.remat = layers.remat_mode(remat)
     config.mesh.update(data=-1, fsdp=1)
     if per_device_batch is not None:
         config.batch_size = per_device_batch * len(jax.devices())

@@ -85,7 +85,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             long_skips=True,  # Table 2 "Skip connection"
             use_transformer=True,  # Table 2 "AR module"; off = nearest-code lookup of f_l
             dropout_rate=0.1,  # MaskGIT's / BERT's value; the paper does not state one
-            remat="none",  # or "matmuls", "full" (models/layers.remat_mode)
+            remat="none",  # the LQ encoder's blocks: or "matmuls", "full" (layers.remat_mode)
+            transformer_remat="none",  # the transformer's blocks
             # One precision and kernel policy for the LQ encoder, the transformer and the frozen
             # tokenizer (models/factory.py); the CPU variants compute in float32.
             dtype="bfloat16",

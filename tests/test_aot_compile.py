@@ -284,3 +284,18 @@ def test_trip_count_without_annotation():
     by_scope, total = hlo_traffic.traffic_by_scope(TPU_STYLE_LOOP, depth=1)
     # the dot (192 bytes), the counter's add (12) and the condition's compare (9), three times
     assert total == 3 * (192 + 12 + 9)
+
+
+def test_remat_modes_of_the_art_parts_on_the_cpu():
+    """``benchmarks/aot_remat.py`` on the tiny ART-FR config for this host's CPU: a row per mode,
+    and recomputing whole blocks (``full``) costs more FLOPs than recomputing only the elementwise
+    work (``matmuls``), which costs at least as many as keeping everything (``none``)."""
+    from benchmarks import aot_remat  # noqa: PLC0415
+
+    for part in aot_remat.PARTS:
+        rows = aot_remat.main([f"--part={part}", "--variant=tiny", "--topology=cpu:1", "--batch=2"])
+        by_mode = {r["mode"]: r for r in rows}
+        assert list(by_mode) == ["none", "matmuls", "full"], rows
+        assert all(r["tflop"] > 0 and r["gb_accessed"] > 0 for r in rows), rows
+        flops = {m: r["tflop"] for m, r in by_mode.items()}
+        assert flops["none"] <= flops["matmuls"] < flops["full"], (part, flops)

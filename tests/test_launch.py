@@ -57,6 +57,23 @@ def test_apply_sets_fields_by_their_command_line_names():
     assert config.seed == seed + 3  # a refused value leaves the field as it was
 
 
+def test_assignments_parse_by_the_fields_type():
+    """``KEY=VALUE`` text (benchmarks' ``--set``) read as the field's type, then ``apply``."""
+    config = launch.load_config(VQGAN_TINY)
+    hyper.apply_assignment(config, "seed=5")
+    hyper.apply_assignment(config, "config.model.block_out_channels=16,32")
+    hyper.apply_assignment(config, "model.remat=matmuls")
+    hyper.apply_assignment(config, "model.normalize_codes=true")
+    assert (config.seed, config.model.block_out_channels) == (5, (16, 32))
+    assert (config.model.remat, config.model.normalize_codes) == ("matmuls", True)
+    with pytest.raises(ValueError, match=r"^--set 'seed': expected KEY=VALUE"):
+        hyper.apply_assignment(config, "seed")
+    with pytest.raises(ValueError, match=r"^config.model.widht: no such field$"):
+        hyper.apply_assignment(config, "model.widht=3")
+    with pytest.raises(ValueError, match=r"^config.seed='x': expected int$"):
+        hyper.apply_assignment(config, "seed=x")
+
+
 def test_flags_render_as_xmanager_does_and_the_config_parses_them(tmp_path):
     assert launch.render_flag("config.model.long_skips", True) == "--config.model.long_skips"
     assert launch.render_flag("config.model.long_skips", False) == "--noconfig.model.long_skips"

@@ -6,6 +6,7 @@ import importlib
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -118,6 +119,19 @@ def test_art_logits_in_bfloat16():
     (a, fa), (b, fb) = art.apply(variables, X, tokens), art16.apply(variables, X, tokens)
     assert b.dtype == jnp.float32  # logits, for the cross-entropy
     assert _rel(b, a) < 0.04 and _rel(fb, fa) < 0.04
+
+
+def test_art_remat_of_each_part():
+    """``model.remat`` for the LQ encoder, ``model.transformer_remat`` for the transformer;
+    a saved config without the second (older runs) uses the first for both."""
+    config = _config("art", "tiny")
+    tokenizer = factory.tokenizer(config.stage1.config.model.to_dict())
+    config.model.update(remat="matmuls", transformer_remat="full")
+    art = factory.art(config, tokenizer)
+    assert (art.lq_encoder.remat, art.transformer.remat) == ("matmuls", "full")
+    older = ml_collections.ConfigDict(config.to_dict())
+    del older.model["transformer_remat"]
+    assert factory.art(older, tokenizer).transformer.remat == "matmuls"
 
 
 def test_lpips_in_bfloat16_and_the_loss_follows_the_policy(monkeypatch):

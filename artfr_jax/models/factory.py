@@ -109,7 +109,7 @@ def art(config, stage1: nn.Module) -> ARTFR:
             condition_mode=m.condition_mode,
             long_skips=m.long_skips,
             dropout_rate=m.dropout_rate,
-            remat=m.remat,
+            remat=m.get("transformer_remat", m.remat),
             dtype=fields["dtype"],
             param_dtype=fields["param_dtype"],
         )

@@ -261,7 +261,8 @@ def remat_mode(remat: bool | str, field: str = "config.model.remat") -> str:
     ``none`` keeps every activation the backward pass needs; ``matmuls`` keeps only the outputs of
     convolutions and matrix products and recomputes norms, activations and sums from them in the
     backward pass (no extra MXU work; on TPU fewer bytes moved and less memory than ``none``, see
-    docs/performance.md); ``full`` recomputes whole blocks (least memory, one more forward pass).
+    docs/performance.md; under the CPU kernels a convolution is not one XLA op, and ``matmuls``
+    recomputes it as ``full`` does); ``full`` recomputes whole blocks (one more forward pass).
     """
     if isinstance(remat, bool):
         return "full" if remat else "none"
