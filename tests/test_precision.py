@@ -132,6 +132,9 @@ def test_art_remat_of_each_part():
     older = ml_collections.ConfigDict(config.to_dict())
     del older.model["transformer_remat"]
     assert factory.art(older, tokenizer).transformer.remat == "matmuls"
+    config.model.transformer_remat = "some"
+    with pytest.raises(ValueError, match=r"^config.model.transformer_remat='some': expected"):
+        factory.art(config, tokenizer)
 
 
 def test_lpips_in_bfloat16_and_the_loss_follows_the_policy(monkeypatch):

@@ -21,6 +21,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import linen as nn
 
+from artfr_jax.models import layers
 from artfr_jax.models.artfr import ARTFR
 from artfr_jax.models.discriminators import PatchDiscriminator
 from artfr_jax.models.kernels import Kernels
@@ -109,11 +110,14 @@ def art(config, stage1: nn.Module) -> ARTFR:
             condition_mode=m.condition_mode,
             long_skips=m.long_skips,
             dropout_rate=m.dropout_rate,
-            remat=m.get("transformer_remat", m.remat),
+            remat=layers.remat_mode(
+                m.get("transformer_remat", m.remat), "config.model.transformer_remat"
+            ),
             dtype=fields["dtype"],
             param_dtype=fields["param_dtype"],
         )
-    return ARTFR(lq_encoder=stage1.clone(remat=m.remat, **fields), transformer=transformer)
+    lq_remat = layers.remat_mode(m.remat)
+    return ARTFR(lq_encoder=stage1.clone(remat=lq_remat, **fields), transformer=transformer)
 
 
 def vqfr(config) -> VQFRv1:
