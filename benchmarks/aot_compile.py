@@ -46,9 +46,11 @@ Mesh (``--mesh=data,fsdp``, repeatable; -1 takes the remaining chips): default `
 chips on ``data`` or, where the global batch has fewer examples than chips, as many chips as it
 has (OSDFace's batch 2 uses 2 chips of a 4-chip slice). ``--remat`` sets ``config.model.remat``:
 ``off`` (``none``), ``on`` (``full``), ``matmuls`` (only norms and activations recomputed), ``both``
-(``none`` and ``full``) or ``all``. ``--lower_only`` stops after lowering (no memory or cost numbers). ``--traffic=DEPTH`` prints
-the bytes accessed per model scope (``benchmarks/hlo_traffic.py``; where an HBM-bound step's
-traffic goes), ``--dump_compiled=DIR`` writes the compiled programs' HLO text.
+(``none`` and ``full``) or ``all``; ``--set=KEY=VALUE`` any other field (ART-FR's
+``model.transformer_remat=full``). ``--lower_only`` stops after lowering (no memory or cost
+numbers). ``--traffic=DEPTH`` prints the bytes accessed per model scope
+(``benchmarks/hlo_traffic.py``; where an HBM-bound step's traffic goes), ``--dump_compiled=DIR``
+writes the compiled programs' HLO text.
 ``cpu:N`` as a topology lowers for N of this host's CPU devices instead (for comparison).
 """
 

@@ -187,9 +187,9 @@ class ResnetBlock(nn.Module):
 
 
 def _block_cls(module) -> type[ResnetBlock]:
-    """``ResnetBlock``, recomputed in the backward pass when ``module.remat``: less activation
-    memory at 512 px for one extra forward pass of the blocks (on CPU only in programs compiled
-    with ``kernels.compiler_options``, which keep XLA from merging the recomputation away)."""
+    """``ResnetBlock``, recomputed in the backward pass as ``module.remat`` asks (``layers.remat``):
+    less activation memory at 512 px (on CPU only in programs compiled with
+    ``kernels.compiler_options``, which keep XLA from merging the recomputation away)."""
     return layers.remat(ResnetBlock, module.remat)
 
 
