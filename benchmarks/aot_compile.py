@@ -693,32 +693,40 @@ def write_outputs(prefix: str, results: list[Result], command: str) -> None:
 
 
 def fit_candidates(chips: int, batch: int) -> list[tuple[int, int, str]]:
-    """``(data, fsdp, remat)`` on ``chips`` chips (at most ``batch`` of them), least memory first:
-    all fsdp with remat, all fsdp without, all data without."""
+    """``(data, fsdp, remat)`` on ``chips`` chips (at most ``batch`` of them), the least memory
+    expected first, the cheapest last: all fsdp recomputing whole blocks, all fsdp recomputing
+    norms and activations (``matmuls``), all data with ``matmuls``. ``none`` is left out: on TPU
+    it keeps more and moves more bytes than ``matmuls`` for the same FLOPs (docs/performance.md,
+    "Remat per part"); ``--remat`` compiles it where wanted."""
     n = math.gcd(chips, batch)
-    return [(1, n, "full"), (1, n, "none"), (n, 1, "none")]
+    return list(dict.fromkeys([(1, n, "full"), (1, n, "matmuls"), (n, 1, "matmuls")]))
 
 
 def search_fit(name: str, chip: Chip, args, report: Callable[[Result], None]) -> Result | None:
     """The smallest slice of ``chip`` (<= 8 chips) on which program ``name`` fits, and there the
-    cheapest mesh and remat that fits (the least-memory candidate decides the slice)."""
+    cheapest mesh and remat that fits. A slice is tried candidate by candidate, least memory
+    first, until one fits (``full`` does not always keep least: stage I keeps more with it than
+    with ``matmuls``); then the candidates after it, cheapest first."""
     for shape in FIT_TOPOLOGIES[chip.name]:
         topo = parse_topology(f"{chip.name}:{shape}")
         devices = topology_devices(topo)
         config = program_config(name, "none", args.image_size, args.set)
         batch = global_batch(name, config, args.restore_batch)
-        least, *cheaper = fit_candidates(topo.num_chips, batch)
-        first = run_one(name, topo, devices, f"{least[0]},{least[1]}", least[2], args)
-        report(first)
-        if not first.fits:
+        candidates = fit_candidates(topo.num_chips, batch)
+        fitting = None
+        while candidates and fitting is None:
+            data, fsdp, remat = candidates.pop(0)
+            r = run_one(name, topo, devices, f"{data},{fsdp}", remat, args)
+            report(r)
+            fitting = r if r.fits else None
+        if fitting is None:
             continue
-        best = first
-        for data, fsdp, remat in reversed(cheaper):  # the cheapest first
+        for data, fsdp, remat in reversed(candidates):  # the cheaper ones, cheapest first
             r = run_one(name, topo, devices, f"{data},{fsdp}", remat, args)
             report(r)
             if r.fits:
                 return r
-        return best
+        return fitting
     return None
 
 

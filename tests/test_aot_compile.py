@@ -299,3 +299,33 @@ def test_remat_modes_of_the_art_parts_on_the_cpu():
         assert all(r["tflop"] > 0 and r["gb_accessed"] > 0 for r in rows), rows
         flops = {m: r["tflop"] for m, r in by_mode.items()}
         assert flops["none"] <= flops["matmuls"] < flops["full"], (part, flops)
+
+
+def test_fit_search_tries_each_candidate_until_one_fits(monkeypatch):
+    """``--fit``: on each slice the candidates in order of memory until one fits (here not the
+    ``full`` one), then the cheaper ones, cheapest first; compiles stood in for."""
+    from benchmarks import aot_compile as a  # noqa: PLC0415
+
+    fits = {("v5e:2x2", "1,4", "matmuls"), ("v5e:2x2", "4,1", "matmuls")}
+    calls = []
+
+    def run_one(name, topo, devices, mesh_spec, remat, args):
+        calls.append((topo.name, mesh_spec, remat))
+        r = a.Result(name, topo.name, topo.num_chips, mesh_spec, remat, 24, "bfloat16")
+        r.fits = (topo.name, mesh_spec, remat) in fits
+        return r
+
+    monkeypatch.setattr(a, "run_one", run_one)
+    monkeypatch.setattr(a, "topology_devices", lambda topo: [])
+    args = a.parse_args(["--fit", "--config=vqgan", "--topology=v5e:2x2"])
+    best = a.search_fit("vqgan", a.CHIPS["v5e"], args, lambda r: None)
+    assert calls == [
+        ("v5e:1x1", "1,1", "full"),
+        ("v5e:1x1", "1,1", "matmuls"),
+        ("v5e:2x2", "1,4", "full"),
+        ("v5e:2x2", "1,4", "matmuls"),
+        ("v5e:2x2", "4,1", "matmuls"),
+    ]
+    assert (best.topology, best.mesh, best.remat) == ("v5e:2x2", "4,1", "matmuls")
+    fits.clear()
+    assert a.search_fit("vqgan", a.CHIPS["v5e"], args, lambda r: None) is None
