@@ -10,7 +10,9 @@ Parts, as ``factory.art`` builds them from ``configs/art.py`` (paper shapes, bfl
                dropout on, loss = mean log-sum-exp of its logits;
   lq_encoder   the LQ encoder ``E_l`` (the stage-I encoder's architecture) on ``batch`` 512-px
                faces, loss = mean square of its output.
-Each mode (``models/layers.REMAT_MODES``) is a separate program; the step's choice per part is
+The gradient is taken for all of ART-FR's parameters (the other part's are zeros written once;
+estimated from their float32 sizes: under 1% of the bytes). Each mode
+(``models/layers.REMAT_MODES``) is a separate program; the step's choice per part is
 ``config.model.remat`` (the LQ encoder) and ``config.model.transformer_remat``.
 """
 
