@@ -40,3 +40,23 @@ def test_one_process_feeds_every_row_of_the_batch():
     mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=4, fsdp=2)), jax.devices()[:8])
     assert sharding.process_rows(mesh, 16) == slice(0, 16)
     assert sharding.data_shard(mesh, 16) == (0, 1)
+
+
+def _mesh_of(platform: str, data: int, fsdp: int):
+    """What ``per_device_batch_note`` reads of a mesh: its axis sizes and its devices' platform."""
+    device = type("Device", (), {"platform": platform})()
+    return type("FakeMesh", (), {"shape": {"data": data, "fsdp": fsdp},
+                                 "devices": np.full((data, fsdp), device, dtype=object)})()  # fmt: skip
+
+
+def test_per_device_batch_note_only_for_tpu_meshes_under_eight_per_device():
+    note = sharding.per_device_batch_note(24, _mesh_of("tpu", 4, 1))
+    assert note is not None and "config.batch_size=24" in note and "6 examples per device" in note
+    assert "2 examples" in sharding.per_device_batch_note(16, _mesh_of("tpu", 4, 2))
+    assert sharding.per_device_batch_note(32, _mesh_of("tpu", 2, 2)) is None  # 8 per device
+    assert sharding.per_device_batch_note(24, _mesh_of("gpu", 4, 1)) is None
+    assert sharding.per_device_batch_note(2, sharding.make_mesh(_mesh_config(-1, 1))) is None
+
+
+def _mesh_config(data, fsdp):
+    return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp))

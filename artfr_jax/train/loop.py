@@ -266,6 +266,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: S
     mesh = sharding_lib.make_mesh(config.mesh)
     sharding_lib.check_batch_size(config.batch_size, mesh)
     logging.info("Stage %s: mesh %s on %d devices", stage.name, dict(mesh.shape), mesh.size)
+    if is_main and (note := sharding_lib.per_device_batch_note(config.batch_size, mesh)):
+        logging.warning("%s", note)
 
     root = jax.random.key(config.seed)
     init_rng, train_rng, eval_rng = jax.random.split(root, 3)

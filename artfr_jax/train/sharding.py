@@ -122,3 +122,23 @@ def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
             f"config.batch_size={global_batch_size} must be divisible by the number of "
             f"data-parallel devices ({n} = mesh data x fsdp)"
         )
+
+
+# XLA's TPU convolutions tile the batch dimension by 8 (the vector registers' sublanes): with fewer
+# examples per chip they cut the image into row blocks with halos instead, and the 512-px levels
+# move 4-6x more bytes per example (docs/scaling.md, "Examples per chip").
+TPU_BATCH_TILE = 8
+
+
+def per_device_batch_note(global_batch_size: int, mesh: Mesh) -> str | None:
+    """A one-line advice where a TPU mesh gets fewer than 8 examples per device, else None."""
+    n = mesh.shape["data"] * mesh.shape["fsdp"]
+    platform = mesh.devices.flat[0].platform
+    per_device = global_batch_size // n
+    if platform != "tpu" or per_device >= TPU_BATCH_TILE:
+        return None
+    return (
+        f"config.batch_size={global_batch_size} on {n} TPU devices is {per_device} examples per "
+        f"device; XLA's TPU convolutions move several times the bytes per example below "
+        f"{TPU_BATCH_TILE} per device (docs/scaling.md, 'Examples per chip')"
+    )
