@@ -36,7 +36,8 @@ For each (program, topology, mesh, remat) the table gives per device: argument, 
 bytes and peak ~= arguments + outputs + temporaries - aliased (the donated state) against the
 chip's HBM; FLOPs and bytes accessed from ``compiled.cost_analysis()`` (XLA's count for the
 partitioned program of one device, i.e. per device; it counts a loop body once, so the loops'
-further iterations are added, see ``loop_cost``); the roofline step time
+further iterations are added, see ``loop_cost``, and so are the FLOPs of the Pallas flash
+attention's backward kernels, which carry no cost estimate); the roofline step time
 ``max(FLOPs / peak FLOP/s, bytes / HBM bandwidth)`` and which term bounds it. A program that XLA
 refuses for lack of HBM is reported as not fitting, with XLA's own figure. ``--fit`` searches the
 smallest topology of the first ``--topology``'s chip (<= 8 chips) and mesh (data x fsdp, remat)
@@ -454,6 +455,7 @@ class Result:
     traffic: dict | None = None  # --traffic: bytes per model scope
     loop_flops: float = 0.0  # of loop iterations cost_analysis leaves out (in flops above)
     loop_bytes: float = 0.0
+    kernel_flops: float = 0.0  # of Pallas kernels without a cost estimate (in flops above)
 
 
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
@@ -508,15 +510,19 @@ def add_memory(result: Result, compiled, chip: Chip | None) -> None:
         result.fits = result.peak_bytes <= chip.hbm_bytes
 
 
-def add_cost(result: Result, compiled, chip: Chip | None, loops=(0.0, 0.0)) -> None:
+def add_cost(
+    result: Result, compiled, chip: Chip | None, loops=(0.0, 0.0), kernel_flops: float = 0.0
+) -> None:
     """FLOPs and bytes accessed per device (``cost_analysis()``, plus ``loops``: the FLOPs and
-    bytes of loop iterations it leaves out, see :func:`loop_cost`) and the roofline step time."""
+    bytes of loop iterations it leaves out, see :func:`loop_cost`, and ``kernel_flops``: those of
+    Pallas kernels it counts as none, ``hlo_traffic.kernel_extra``) and the roofline step time."""
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
     if not cost:
         return
     result.loop_flops, result.loop_bytes = (float(v) for v in loops)
-    result.flops = float(cost.get("flops", 0.0)) + result.loop_flops
+    result.kernel_flops = float(kernel_flops)
+    result.flops = float(cost.get("flops", 0.0)) + result.loop_flops + result.kernel_flops
     result.bytes_accessed = float(cost.get("bytes accessed", 0.0)) + result.loop_bytes
     if chip is None:
         return
@@ -573,7 +579,12 @@ def run_one(name, topo: Topology, devices, mesh_spec, remat, args) -> Result:
     result.compile_s = time.perf_counter() - t0
     add_memory(result, compiled, topo.chip)
     text = compiled.as_text()
-    add_cost(result, compiled, topo.chip, loop_cost(lowered, text, data * fsdp))
+    kernels = hlo_traffic.kernel_extra(text)
+    if kernels["unknown"]:
+        result.note = ", ".join(
+            filter(None, [result.note, f"{kernels['unknown']} Pallas kernel calls without FLOPs"])
+        )
+    add_cost(result, compiled, topo.chip, loop_cost(lowered, text, data * fsdp), kernels["flops"])
     if args.dump_compiled or args.traffic:
         if args.dump_compiled:
             os.makedirs(args.dump_compiled, exist_ok=True)
@@ -668,7 +679,8 @@ def markdown(results: list[Result], command: str) -> str:
         "",
         "Bytes per device (memory_analysis; peak = args + out + temp - alias); FLOPs and bytes "
         "accessed per device (cost_analysis of the partitioned program, which counts a loop body "
-        "once, plus the loops' further iterations: loop_cost); roofline = max(FLOPs / "
+        "once, plus the loops' further iterations: loop_cost, and the FLOPs of Pallas kernels "
+        "without a cost estimate: hlo_traffic.kernel_extra); roofline = max(FLOPs / "
         "peak bf16 FLOP/s, bytes / HBM bandwidth) of one chip.",
         *errors,
         "",

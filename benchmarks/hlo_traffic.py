@@ -297,6 +297,42 @@ def loop_extra(hlo: str) -> dict[str, float]:
     return dict(flops=extra_flops, bytes=extra_bytes, loops=loops, unknown=unknown)
 
 
+# Pallas TPU kernels (``tpu_custom_call``) that carry no cost estimate count no FLOPs in XLA's
+# ``cost_analysis()``. The flash attention backward kernels' matrix products, per
+# ``2 * B * H * T * S * D`` (q ``[B, H, T, D]``, k ``[B, H, S, D]``: operands 0 and 1): dK/dV
+# recompute the scores and probabilities and take four products, dQ three.
+_KERNEL_PRODUCTS = {"flash_mha_bwd_dkv": 4, "flash_mha_bwd_dq": 3}
+
+
+def kernel_extra(hlo: str) -> dict[str, float]:
+    """FLOPs of the Pallas TPU kernels that ``cost_analysis()`` counts as none (no cost estimate
+    in their backend config): ``flops`` for the kernels named in ``_KERNEL_PRODUCTS``,
+    ``kernels`` (such calls found, loop iterations included) and ``unknown`` (of them, the ones
+    whose FLOPs are not known here)."""
+    comps, shapes, runs = _walk(hlo)
+    flops = 0.0
+    kernels = unknown = 0
+    for comp, times in runs:
+        for _name, _shape, opcode, rest in comps[comp]:
+            if opcode != "custom-call" or '"tpu_custom_call"' not in rest:
+                continue
+            if "cost_estimate" in rest:
+                continue
+            kernels += times
+            name = _OP_NAME.search(rest)
+            products = next(
+                (n for k, n in _KERNEL_PRODUCTS.items() if name and k in name.group(1)), None
+            )
+            ops = _operands(rest)
+            if products is None or len(ops) < 2:
+                unknown += times
+                continue
+            b, h, t, d = _dims(shapes[ops[0]])
+            s = _dims(shapes[ops[1]])[2]
+            flops += times * products * 2.0 * b * h * t * s * d
+    return dict(flops=flops, kernels=kernels, unknown=unknown)
+
+
 def table(by_scope: dict[str, int], total: int, top: int = 25) -> str:
     rows = sorted(by_scope.items(), key=lambda kv: -kv[1])
     lines = ["| scope | GB | share |", "|---|---|---|"]

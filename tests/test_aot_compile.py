@@ -286,6 +286,40 @@ def test_trip_count_without_annotation():
     assert total == 3 * (192 + 12 + 9)
 
 
+# The calls of the Pallas flash attention as a compiled TPU program prints them (shortened): the
+# forward kernel carries a cost estimate, the two backward kernels none.
+FLASH_CALLS = """HloModule m
+
+ENTRY %main (q: bf16[2,3,256,64], k: bf16[2,3,128,64]) -> bf16[2,3,256,64] {
+  %q = bf16[2,3,256,64] parameter(0)
+  %k = bf16[2,3,128,64] parameter(1)
+  %fwd = bf16[2,3,256,64] custom-call(%q, %k, %k), custom_call_target="tpu_custom_call", \
+metadata={op_name="jit(f)/jvp(jit(flash_attention))/pallas_call"}, \
+backend_config={"custom_call_config": {"cost_estimate":{"flops":"1"}}}
+  %dkv = (bf16[2,3,128,64], bf16[2,3,128,64]) custom-call(%q, %k, %k, %fwd), \
+custom_call_target="tpu_custom_call", metadata={op_name="jit(f)/transpose(jvp(jit(\
+flash_attention)))/flash_mha_bwd_dkv_block_q_major=128/pallas_call"}, backend_config={}
+  %dq = bf16[2,3,256,64] custom-call(%q, %k, %k, %fwd), custom_call_target="tpu_custom_call", \
+metadata={op_name="jit(f)/transpose(jvp(jit(flash_attention)))/flash_mha_bwd_dq_block_q_major=\
+128/pallas_call"}, backend_config={}
+  %other = bf16[2,3,256,64] custom-call(%q), custom_call_target="tpu_custom_call", \
+metadata={op_name="jit(f)/my_kernel/pallas_call"}, backend_config={}
+  ROOT %out = bf16[2,3,256,64] add(%dq, %other)
+}
+"""
+
+
+def test_pallas_kernels_without_cost_estimate_get_their_flops():
+    """XLA counts no FLOPs for a Pallas kernel without a cost estimate: the flash backward's
+    dK/dV kernel takes four [T, S] x D products per head, its dQ kernel three; a kernel not
+    known here is counted as unknown, the forward kernel (estimate given) not at all."""
+    from benchmarks import hlo_traffic
+
+    extra = hlo_traffic.kernel_extra(FLASH_CALLS)
+    per_product = 2 * 2 * 3 * 256 * 128 * 64
+    assert extra == dict(flops=(4 + 3) * per_product, kernels=3, unknown=1)
+
+
 def test_remat_modes_of_the_art_parts_on_the_cpu():
     """``benchmarks/aot_remat.py`` on the tiny ART-FR config for this host's CPU: a row per mode,
     and recomputing whole blocks (``full``) costs more FLOPs than recomputing only the elementwise
@@ -329,3 +363,37 @@ def test_fit_search_tries_each_candidate_until_one_fits(monkeypatch):
     assert (best.topology, best.mesh, best.remat) == ("v5e:2x2", "4,1", "matmuls")
     fits.clear()
     assert a.search_fit("vqgan", a.CHIPS["v5e"], args, lambda r: None) is None
+
+
+FLASH_LOWERING = """
+from benchmarks import aot_compile
+import jax, jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+from artfr_jax.models import kernels
+topo = aot_compile.parse_topology("v5e:2x2")
+mesh = aot_compile.make_mesh(aot_compile.topology_devices(topo), 4, 1, 2**14)
+rows = NamedSharding(mesh, P(("data", "fsdp")))
+qkv = [jax.ShapeDtypeStruct((8, 512, 12, 64), jnp.bfloat16, sharding=rows)] * 3
+loss = lambda q, k, v: jnp.sum(kernels.dot_product_attention(q, k, v).astype(jnp.float32))
+with jax.set_mesh(mesh):
+    print(jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*qkv).as_text())
+"""
+
+
+@pytest.mark.libtpu
+def test_transformer_attention_lowers_to_the_flash_kernel_per_chip():
+    """The transformer's attention (512 tokens, 12 heads of 64) lowered for v5e:2x2 is the Pallas
+    flash kernel, forward and backward, inside a shard_map over the batch (each chip its rows)."""
+    if not _has_libtpu():
+        pytest.skip(f"no libtpu at {TPU_PYTHON}")
+    run = subprocess.run(
+        [TPU_PYTHON, "-c", FLASH_LOWERING], cwd=ROOT, env=_env(), capture_output=True,
+        text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-4000:]
+    text = run.stdout
+    assert text.count("tpu_custom_call") >= 3, "forward, dK/dV and dQ kernels"
+    for kernel in ("", "_dkv", "_dq"):  # forward, dK/dV, dQ
+        assert f'kernel_name = "_flash_attention{kernel}_kernel"' in text, kernel
+    assert "mhlo.num_partitions = 4" in text and "manual" in text
+    assert "512x512" not in text  # no [T, S] scores written by XLA

@@ -98,3 +98,38 @@ def test_cudnn_is_asked_for_only_where_it_applies():
     if not kernels_lib._cudnn_available():
         text = jax.jit(kernels_lib.dot_product_attention).lower(*bf16).as_text()
         assert "cudnn" not in text
+
+
+def test_flash_is_asked_for_only_where_it_applies():
+    """The Pallas TPU kernel takes sequences in 128-wide blocks and heads up to 128 wide (or
+    multiples of 128); the transformer's attention lowered for this host stays XLA's."""
+    qkv = _qkv((2, 256, 2, 64))
+    assert kernels_lib.flash_applies(*qkv)
+    assert kernels_lib.flash_applies(*[x.astype(jnp.bfloat16) for x in qkv])
+    assert kernels_lib.flash_applies(*_qkv((1, 128, 1, 256)))
+    assert not kernels_lib.flash_applies(*_qkv((1, 96, 1, 64)))  # not whole blocks
+    assert not kernels_lib.flash_applies(*_qkv((1, 128, 1, 192)))  # head width
+    assert not kernels_lib.flash_applies(*[x.astype(jnp.float16) for x in qkv])
+    text = jax.jit(kernels_lib.dot_product_attention).lower(*qkv).as_text()
+    assert "tpu_custom_call" not in text and "pallas" not in text
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+def test_tpu_flash_attention_equals_xla_in_interpret_mode(devices):
+    """The TPU kernel run by Pallas's interpreter on this host, values and gradients, against
+    XLA's attention; under a mesh each device runs it on its rows of the batch (shard_map)."""
+    from jax.experimental.pallas import tpu as pltpu  # noqa: PLC0415
+
+    q, k, v = _qkv((2, 256, 2, 64), scale=2.0)
+    mesh = jax.make_mesh((devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    xla = functools.partial(jax.nn.dot_product_attention, implementation="xla")
+    with pltpu.force_tpu_interpret_mode(), jax.set_mesh(mesh):
+        out = jax.jit(kernels_lib.tpu_flash_attention)(q, k, v)
+        got = jax.jit(lambda *a: _grads(kernels_lib.tpu_flash_attention, *a))(q, k, v)
+        text = jax.jit(kernels_lib.tpu_flash_attention).lower(q, k, v).as_text()
+    assert ("shard_map" in text or "manual" in text) == (devices > 1)
+    np.testing.assert_allclose(out, xla(q, k, v), rtol=1e-5, atol=1e-5)
+    want = _grads(xla, q, k, v)
+    for name, g, w in zip("qkv", got, want, strict=True):
+        scale = float(jnp.max(jnp.abs(w)))
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * scale, err_msg=name)

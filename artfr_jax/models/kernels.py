@@ -14,7 +14,8 @@ through this module, and a model holds one :class:`Kernels` (``config.model.kern
 
 The CPU kernels' sizes and switches are ``Kernels.cpu`` (:class:`~artfr_jax.models.cpu_kernels.
 CpuKernels`). Multi-head attention over short sequences (the token transformer) asks for cuDNN's
-fused kernel on GPUs in bfloat16 (:func:`dot_product_attention`), independent of the mode.
+fused kernel on GPUs in bfloat16 and for the Pallas flash kernel on TPUs
+(:func:`dot_product_attention`), independent of the mode.
 Compiler options that only the CPU needs: :func:`compiler_options`.
 """
 
@@ -28,6 +29,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from artfr_jax.models.cpu_kernels import CpuKernels
 from artfr_jax.models.cpu_kernels import attention as cpu_attention
@@ -257,21 +259,67 @@ def cudnn_applies(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
     )
 
 
+def flash_applies(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
+    """The Pallas TPU flash attention kernel (``jax.experimental.pallas.ops.tpu``) takes float32
+    or bfloat16 inputs of one dtype and shape whose sequence lengths are multiples of its 128-wide
+    blocks and whose head width is at most 128 or a multiple of 128."""
+    t, s, d = q.shape[1], k.shape[1], q.shape[-1]
+    return (
+        q.dtype in (jnp.bfloat16, jnp.float32)
+        and q.dtype == k.dtype == v.dtype
+        and k.shape == v.shape
+        and (q.shape[0], q.shape[2], d) == (k.shape[0], k.shape[2], k.shape[-1])
+        and t % 128 == 0
+        and s % 128 == 0
+        and (d <= 128 or d % 128 == 0)
+    )
+
+
+def tpu_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """``[B, T, H, D]`` attention by the Pallas TPU flash kernel (Dao et al. 2022: the scores stay
+    in on-chip memory, forward and backward), softmax in float32. Traced under a mesh, each device
+    runs the kernel on its rows of the batch (``shard_map`` over every mesh axis; replicated where
+    the batch does not divide), since XLA's partitioner cannot split a custom kernel."""
+    from jax.experimental.pallas.ops.tpu import flash_attention as pallas_flash  # noqa: PLC0415
+
+    def run(q, k, v):
+        heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731  the kernel's [B, H, T, D]
+        out = pallas_flash.flash_attention(
+            heads_first(q), heads_first(k), heads_first(v), sm_scale=q.shape[-1] ** -0.5
+        )
+        return heads_first(out)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return run(q, k, v)
+    spec = P(mesh.axis_names) if q.shape[0] % mesh.size == 0 else P()
+    sharded = jax.shard_map(
+        run, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False
+    )
+    return sharded(q, k, v)
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """Multi-head attention ``[B, T, H, D] x [B, S, H, D] -> [B, T, H, D]``: cuDNN's fused kernel
-    where the program is lowered for a GPU and :func:`cudnn_applies`, XLA's otherwise (both with
-    the softmax in float32). ``jax.nn.dot_product_attention`` left to itself picks XLA's."""
+    """Multi-head attention ``[B, T, H, D] x [B, S, H, D] -> [B, T, H, D]`` with the softmax in
+    float32: cuDNN's fused kernel where the program is lowered for a GPU and
+    :func:`cudnn_applies`, the Pallas flash kernel where it is lowered for a TPU and
+    :func:`flash_applies`, XLA's otherwise (``jax.nn.dot_product_attention`` left to itself picks
+    XLA's, which writes the [B, H, T, S] scores to memory)."""
 
     def xla(q, k, v):
         return jax.nn.dot_product_attention(q, k, v, implementation="xla")
 
-    if not (cudnn_applies(q, k, v) and _cudnn_available()):
+    branches = {}
+    if flash_applies(q, k, v):
+        branches["tpu"] = tpu_flash_attention
+    if cudnn_applies(q, k, v) and _cudnn_available():
+        branches["cuda"] = functools.partial(jax.nn.dot_product_attention, implementation="cudnn")
+    platform = _mesh_platform()  # known under a mesh: trace only its form
+    if platform in ("tpu", "cpu"):
+        return branches.get(platform, xla)(q, k, v)
+    if not branches:
         return xla(q, k, v)
-
-    def cudnn(q, k, v):
-        return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
-
-    return lax.platform_dependent(q, k, v, cuda=cudnn, default=xla)
+    return lax.platform_dependent(q, k, v, default=xla, **branches)
 
 
 def attention(q, k, v, kernels: Kernels = Kernels(), *, precision: Any = None) -> jax.Array:
