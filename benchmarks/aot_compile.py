@@ -579,12 +579,12 @@ def run_one(name, topo: Topology, devices, mesh_spec, remat, args) -> Result:
     result.compile_s = time.perf_counter() - t0
     add_memory(result, compiled, topo.chip)
     text = compiled.as_text()
-    kernels = hlo_traffic.kernel_extra(text)
-    if kernels["unknown"]:
+    pallas = hlo_traffic.kernel_extra(text)
+    if pallas["unknown"]:
         result.note = ", ".join(
-            filter(None, [result.note, f"{kernels['unknown']} Pallas kernel calls without FLOPs"])
+            filter(None, [result.note, f"{pallas['unknown']} Pallas kernel calls without FLOPs"])
         )
-    add_cost(result, compiled, topo.chip, loop_cost(lowered, text, data * fsdp), kernels["flops"])
+    add_cost(result, compiled, topo.chip, loop_cost(lowered, text, data * fsdp), pallas["flops"])
     if args.dump_compiled or args.traffic:
         if args.dump_compiled:
             os.makedirs(args.dump_compiled, exist_ok=True)

@@ -131,7 +131,7 @@ TPU_BATCH_TILE = 8
 
 
 def per_device_batch_note(global_batch_size: int, mesh: Mesh) -> str | None:
-    """A one-line advice where a TPU mesh gets fewer than 8 examples per device, else None."""
+    """One line of advice where a TPU mesh gets fewer than 8 examples per device, else None."""
     n = mesh.shape["data"] * mesh.shape["fsdp"]
     platform = mesh.devices.flat[0].platform
     per_device = global_batch_size // n
