@@ -124,9 +124,9 @@ def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
         )
 
 
-# XLA's TPU convolutions tile the batch dimension by 8 (the vector registers' sublanes): with fewer
-# examples per chip they cut the image into row blocks with halos instead, and the 512-px levels
-# move 4-6x more bytes per example (docs/scaling.md, "Examples per chip").
+# With 8 or more examples per chip XLA's TPU programs put the batch in the vector registers'
+# 8-row tiles; with fewer they cut each image into row blocks with halos, and the 512-px levels
+# move 3-6x the bytes per example (docs/performance.md, "Examples per chip").
 TPU_BATCH_TILE = 8
 
 
