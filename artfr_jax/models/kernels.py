@@ -315,9 +315,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array
     if cudnn_applies(q, k, v) and _cudnn_available():
         branches["cuda"] = functools.partial(jax.nn.dot_product_attention, implementation="cudnn")
     platform = _mesh_platform()  # known under a mesh: trace only its form
-    if platform in ("tpu", "cpu"):
-        return branches.get(platform, xla)(q, k, v)
-    if not branches:
+    if platform == "tpu":
+        return branches.get("tpu", xla)(q, k, v)
+    if platform == "cpu" or not branches:
         return xla(q, k, v)
     return lax.platform_dependent(q, k, v, default=xla, **branches)
 
