@@ -96,7 +96,7 @@ class TrainerTests:
             f"--config.num_train_steps={STEPS}",
             f"--config.eval_every={STEPS}",
             "--config.checkpoint_every=2",
-            "--config.mesh.data=-1",
+            *t.mesh,
             *t.command,
         ]
         full = str(tmp_path / "full")
@@ -149,6 +149,9 @@ class TrainerTests:
         for k in t.eval_keys:
             np.testing.assert_allclose(evals[0][f"eval/{k}"], ref[f"eval/{k}"], rtol=1e-4)
         assert os.path.isfile(os.path.join(part, "train.1.log"))
+        split = "--config.mesh.fsdp=-1" in t.mesh  # the run's mesh, as its log names it
+        mesh = "{'data': 1, 'fsdp': 2}" if split else "{'data': 2, 'fsdp': 1}"
+        assert f"Stage {t.name}: mesh {mesh} on 2 devices" in _log(part, 0)
         assert not glob.glob(os.path.join(part, "train.2.log"))
 
 

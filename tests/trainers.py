@@ -26,7 +26,8 @@ class Trainer:
     fixed batch must be learnt fast (a short schedule without GAN terms); watch: the metric that
     must fall; all_terms_step: a step at which every loss term (GANs, R1) is on; parity: overrides
     for the 8-device test (e.g. dropout on, so that its randomness is compared too); command:
-    flags added to the main-command runs of the two-process test.
+    flags added to the main-command runs of the two-process test; mesh: the mesh flags of those
+    runs (all devices on ``data``, or split parameters across the processes).
     """
 
     name: str
@@ -38,6 +39,7 @@ class Trainer:
     all_terms_step: int
     parity: dict = dataclasses.field(default_factory=dict)
     command: tuple[str, ...] = ()
+    mesh: tuple[str, ...] = ("--config.mesh.data=-1",)
 
     @property
     def module(self):
@@ -84,6 +86,9 @@ TRAINERS = {
             watch="loss",
             all_terms_step=0,
             parity={"model.dropout_rate": 0.1},
+            # Parameters and optimizer state split over the two processes' devices (fsdp), as
+            # docs/scaling.md recommends for TPU slices.
+            mesh=("--config.mesh.data=1", "--config.mesh.fsdp=-1"),
         ),
         Trainer(
             name="vqfr",
